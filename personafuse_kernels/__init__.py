@@ -1,0 +1,24 @@
+"""personafuse-kernels: fused routed multi-adapter LoRA (PersonaFuse) for training and inference.
+
+    y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
+
+Public API:
+    routed_lora(x, weight, bias, lora_A, lora_B, gates, scaling=1.0, dropout_p=0.0, backend="auto")
+    available_backends()
+    RoutedLoRALinear.from_linear(linear, num_experts=10, rank=16, alpha=32, dropout=0.0, router="token")
+    TokenRouter, SequenceRouter, inject_routed_lora, router_aux_losses, hold_sequence_gates, routing_inputs
+"""
+from .build_info import build_info
+from .dispatch import available_backends, unavailable_reasons
+from .functional import routed_lora
+from .integration import inject_routed_lora
+from .modules import RoutedLoRALinear, hold_sequence_gates, routed_layers, router_aux_losses, routing_inputs
+from .routing import RouterOutput, SequenceRouter, TokenRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "routed_lora", "available_backends", "unavailable_reasons", "build_info",
+    "RoutedLoRALinear", "TokenRouter", "SequenceRouter", "RouterOutput",
+    "inject_routed_lora", "router_aux_losses", "hold_sequence_gates", "routed_layers", "routing_inputs",
+]

@@ -1,0 +1,99 @@
+"""Which backend runs a call.
+
+    torch   stacked GEMMs with an explicit backward; CPU and CUDA, every float dtype; the oracle
+    cuda    personafuse_kernels._C kernels (+ cuBLAS); CUDA tensors, fp32/fp16/bf16
+    triton  fused Triton kernels (added by the triton backend)
+
+An explicit ``backend=`` argument wins, then the PERSONAFUSE_BACKEND environment variable; either fails
+loudly when that backend cannot run the call. ``auto`` picks the fastest available backend for the
+device and dtype, silently falling back to ``torch``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, NamedTuple
+
+import torch
+
+from ._extension import extension_error
+
+
+class Backend(NamedTuple):
+    name: str
+    module: str  # ops module with forward() and backward()
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    unavailable: Callable[[], "str | None"]  # why it cannot run on this machine, or None
+
+
+_ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _cuda_unavailable() -> str | None:
+    err = extension_error()
+    if err is not None:
+        return err
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return None
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", "routed_lora_torch", ("cpu", "cuda"), _ALL_FLOATS, lambda: None),
+    "cuda": Backend("cuda", "routed_lora_cuda", ("cuda",), _ALL_FLOATS[:3], _cuda_unavailable),
+}
+# auto's order of preference on a CUDA device; the first that supports the call wins.
+AUTO_ORDER_CUDA = ["cuda", "torch"]
+
+
+def register_backend(backend: Backend, prefer_first: bool = False) -> None:
+    BACKENDS[backend.name] = backend
+    if prefer_first and backend.name not in AUTO_ORDER_CUDA:
+        AUTO_ORDER_CUDA.insert(0, backend.name)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, e.g. ["torch", "triton", "cuda"]."""
+    return [name for name, b in BACKENDS.items() if b.unavailable() is None]
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """For each backend that cannot run here, why not."""
+    return {name: why for name, b in BACKENDS.items() if (why := b.unavailable()) is not None}
+
+
+def _why_not(backend: Backend, device: torch.device, dtype: torch.dtype) -> str | None:
+    why = backend.unavailable()
+    if why is not None:
+        return why
+    if device.type not in backend.devices:
+        return f"it runs on {', '.join(backend.devices)} tensors, not {device.type}"
+    if dtype not in backend.dtypes:
+        return f"it supports {', '.join(str(d) for d in backend.dtypes)}, not {dtype}"
+    return None
+
+
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend name for a call on tensors of this device and dtype."""
+    name = (requested or "auto").lower()
+    source = "backend="
+    if name == "auto" and os.environ.get("PERSONAFUSE_BACKEND"):
+        name, source = os.environ["PERSONAFUSE_BACKEND"].strip().lower(), "PERSONAFUSE_BACKEND="
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {source}{name!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")
+        why = _why_not(BACKENDS[name], device, dtype)
+        if why is not None:
+            raise RuntimeError(f"{source}{name!r} cannot run this call ({device.type}, {dtype}): {why}")
+        return name
+    if device.type == "cuda":
+        for candidate in AUTO_ORDER_CUDA:
+            if _why_not(BACKENDS[candidate], device, dtype) is None:
+                return candidate
+    return "torch"
+
+
+def get_backend_ops(name: str):
+    """The ops module (forward, backward) of a backend."""
+    return importlib.import_module(f".ops.{BACKENDS[name].module}", __package__)

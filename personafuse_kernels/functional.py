@@ -1,0 +1,140 @@
+"""``routed_lora``: the public functional op. Validates once, normalizes, dispatches, runs autograd."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .autograd import RoutedLoRAFunction
+from .dispatch import resolve_backend
+from .ops.dropout import new_seed
+from .routing.gates import normalize_gates
+
+
+def _shape(t: Optional[Tensor]):
+    return None if t is None else tuple(t.shape)
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have shape [..., K], got a scalar")
+    _check_tensor("weight", weight, 2)
+    if bias is not None:
+        _check_tensor("bias", bias, 1)
+    _check_tensor("lora_A", lora_A, 3)
+    _check_tensor("lora_B", lora_B, 3)
+    _check_tensor("gates", gates)
+    K = x.shape[-1]
+    N = weight.shape[0]
+    E, r, KA = lora_A.shape
+    EB, NB, rB = lora_B.shape
+    shapes = (f"x {_shape(x)}, weight {_shape(weight)}, bias {_shape(bias)}, lora_A {_shape(lora_A)}, "
+              f"lora_B {_shape(lora_B)}, gates {_shape(gates)}")
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must be [N, K] with K = x.shape[-1] = {K}; got {shapes}")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must be [N] with N = weight.shape[0] = {N}; got {shapes}")
+    if E < 1 or r < 1:
+        raise ValueError(f"lora_A must be [E, r, K] with E >= 1 and r >= 1; got {shapes}")
+    if KA != K:
+        raise ValueError(f"lora_A must be [E, r, K] with K = x.shape[-1] = {K}; got {shapes}")
+    if EB != E:
+        raise ValueError(f"lora_A and lora_B disagree on the number of experts E ({E} vs {EB}); got {shapes}")
+    if NB != N:
+        raise ValueError(f"lora_B must be [E, N, r] with N = weight.shape[0] = {N}; got {shapes}")
+    if rB != r:
+        raise ValueError(f"lora_A and lora_B disagree on the rank r ({r} vs {rB}); got {shapes}")
+    named = [("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B), ("gates", gates)]
+    devices = {name: t.device for name, t in named if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device; got {', '.join(f'{k} on {v}' for k, v in devices.items())}")
+    dtypes = {name: t.dtype for name, t in named[:5] if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(
+            f"x, weight, bias, lora_A and lora_B must share one dtype; got "
+            f"{', '.join(f'{k} {v}' for k, v in dtypes.items())}"
+        )
+    if gates.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"gates must be float32 or x's dtype {x.dtype}; got {gates.dtype}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _scaling_tensor(scaling, E: int, x: Tensor) -> Tensor:
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(scaling, Tensor):
+        if scaling.requires_grad:
+            raise ValueError("scaling is a constant (alpha / r per expert): pass a tensor that does not require grad")
+        if scaling.dim() == 0:
+            scaling = scaling.reshape(1).expand(E)
+        if scaling.shape != (E,):
+            raise ValueError(f"scaling must be a float or a tensor [E] = [{E}], got shape {tuple(scaling.shape)}")
+        if scaling.device != x.device:
+            raise ValueError(f"scaling must be on x's device {x.device}, got {scaling.device}")
+        return scaling.to(cdt).contiguous()
+    if isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
+        return torch.full((E,), float(scaling), dtype=cdt, device=x.device)
+    raise TypeError(f"scaling must be a float or a tensor [E], got {type(scaling).__name__}")
+
+
+def _autocast(tensors, device_type: str):
+    """Under torch.autocast, run the op in the autocast dtype (like F.linear does)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def routed_lora(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    gates: Tensor,
+    scaling: Union[float, Tensor] = 1.0,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:
+    """y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
+
+    Args:
+        x:       [..., K] input tokens
+        weight:  [N, K] base projection; bias: [N] or None
+        lora_A:  [E, r, K] every expert's lora_A (peft's layout, stacked)
+        lora_B:  [E, N, r] every expert's lora_B
+        gates:   [..., E] with x's leading dims (per token), or with one leading dim fewer than x, e.g.
+                 [B, E] for x [B, S, K] (per sequence). float32 or x's dtype.
+        scaling: float, or tensor [E] (alpha / r per expert)
+        dropout_p: dropout on the LoRA branch's input (pass 0 in eval); the mask is regenerated in backward
+        backend: "auto", "torch", "triton" or "cuda" (PERSONAFUSE_BACKEND overrides "auto")
+    Returns:
+        y [..., N] in x's dtype. Gradients flow to x, weight, bias, lora_A, lora_B and gates.
+    """
+    _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p)
+    x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B], x.device.type)
+    E = lora_A.shape[0]
+    K, N = x.shape[-1], weight.shape[0]
+    lead = x.shape[:-1]
+    norm = normalize_gates(gates, x.shape, E)
+    scale = _scaling_tensor(scaling, E, x)
+    name = resolve_backend(backend, x.device, x.dtype)
+    p = float(dropout_p)
+    seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
+    y = RoutedLoRAFunction.apply(
+        x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+        lora_A.contiguous(), lora_B.contiguous(), norm.gates, scale, seed, norm.seq_len, p, name,
+    )
+    return y.view(*lead, N)

@@ -1,0 +1,111 @@
+"""The ``torch`` backend of the routed LoRA op, and the per-expert reference it is tested against.
+
+    y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
+
+Shapes (normalized by functional.routed_lora; see ../../shared DESIGN.md):
+    x [T, K], weight [N, K], bias [N] or None, lora_A [E, r, K], lora_B [E, N, r],
+    gates [G, E] with seq_len tokens per row (T = G * seq_len), scaling [E], seed int64 [1] or [0].
+
+The stacked two-GEMM formulation with its backward written out (no autograd through ops): this is the
+math every kernel backend must reproduce, forward and every gradient.
+
+    H   = drop(x) A_cat^T            [T, E*r]        A_cat = lora_A.view(E*r, K)
+    Hg  = H * (s_e g[t, e])          [T, E*r]        the gate step (GateOps below)
+    y   = x W^T + b + Hg B_cat^T     [T, N]          B_cat = lora_B.permute(1, 0, 2).reshape(N, E*r)
+backward, given dy [T, N]:
+    dHg = dy B_cat,  dB = (dy^T Hg) per expert,  dg = s_e <dHg, H>_r (summed per sequence),
+    dH  = dHg * (s_e g),  dA = dH^T drop(x),  dx = dy W + drop'(dH A_cat),  dW = dy^T x,  db = sum_t dy
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing.gates import token_gates
+from .dropout import apply_dropout
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchGateOps:
+    """Gate step in torch ops. The cuda backend swaps in its kernels; everything else is shared."""
+
+    @staticmethod
+    def forward(H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Hg = H * s_e * g[t // seq_len, e];  H [T, E*r] -> Hg [T, E*r] in H's dtype."""
+        T, width = H.shape
+        E = gates.shape[1]
+        cdt = _compute_dtype(H.dtype)
+        gs = token_gates(gates.to(cdt) * scaling.to(cdt), seq_len)  # [T, E]
+        return (H.view(T, E, width // E).to(cdt) * gs[:, :, None]).to(H.dtype).view(T, width)
+
+    @staticmethod
+    def backward(dHg: torch.Tensor, H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len: int):
+        """(dH [T, E*r] in H's dtype, dgates [G, E] in float32 or float64)."""
+        T, width = H.shape
+        G, E = gates.shape
+        cdt = _compute_dtype(H.dtype)
+        s = scaling.to(cdt)
+        dHg3 = dHg.view(T, E, width // E).to(cdt)
+        dg_tok = (dHg3 * H.view(T, E, width // E).to(cdt)).sum(-1) * s  # [T, E]
+        dH = (dHg3 * token_gates(gates.to(cdt) * s, seq_len)[:, :, None]).to(H.dtype).view(T, width)
+        dgates = dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)
+        return dH, dgates
+
+
+def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
+    E, N, r = lora_B.shape
+    return lora_B.permute(1, 0, 2).reshape(N, E * r)  # [N, E*r]
+
+
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
+            gate_ops=TorchGateOps):
+    """Returns (y [T, N], H [T, E*r]); H is kept for backward."""
+    E, r, K = lora_A.shape
+    H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()  # [T, E*r]
+    Hg = gate_ops.forward(H, gates, scaling, seq_len)
+    y = torch.addmm(F.linear(x, weight, bias), Hg, _b_cat(lora_B).t())  # [T, N]
+    return y, H
+
+
+def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float,
+             needs: tuple[bool, bool, bool, bool, bool, bool], gate_ops=TorchGateOps):
+    """Gradients (dx, dW, db, dA, dB, dgates) for needs = which of them are wanted; unwanted ones are empty.
+
+    dy [T, N]; dgates comes back in gates' dtype, the others in x's dtype.
+    """
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
+    T, N = dy.shape
+    E, r, K = lora_A.shape
+    B_cat = _b_cat(lora_B)
+    dHg = dy @ B_cat  # [T, E*r]
+    dB = dy.new_empty(0)  # every unwanted gradient is its own empty tensor: op outputs must not alias
+    if need_dB:
+        Hg = gate_ops.forward(H, gates, scaling, seq_len)
+        dB = (dy.t() @ Hg).view(N, E, r).permute(1, 0, 2).contiguous()  # [E, N, r]
+    dH, dgates = gate_ops.backward(dHg, H, gates, scaling, seq_len)
+    dA = dy.new_empty(0)
+    if need_dA:
+        dA = (dH.t() @ apply_dropout(x, seed, dropout_p)).view(E, r, K)  # [E, r, K]
+    dx = dy.new_empty(0)
+    if need_dx:
+        dx_lora = dH @ lora_A.reshape(E * r, K)  # [T, K]
+        dx = torch.addmm(apply_dropout(dx_lora, seed, dropout_p), dy, weight)  # drop'(.) uses the same mask
+    dW = dy.t() @ x if need_dW else dy.new_empty(0)  # [N, K]
+    db = dy.sum(0, dtype=_compute_dtype(dy.dtype)).to(dy.dtype) if need_db else dy.new_empty(0)
+    dg = dgates.to(gates.dtype) if need_dg else gates.new_empty(0)
+    return dx, dW, db, dA, dB, dg
+
+
+def routed_lora_reference(x, weight, bias, lora_A, lora_B, gates_tok, scaling, keep=None, dropout_p: float = 0.0):
+    """Per-expert loop through autograd (how peft's X-LoRA computes it): the test oracle.
+
+    x [T, K], gates_tok [T, E] (one row per token), scaling [E], keep: bool mask [T, K] or None.
+    """
+    xd = x if keep is None else torch.where(keep, x / (1.0 - dropout_p), torch.zeros_like(x))
+    y = F.linear(x, weight, bias)
+    for e in range(lora_A.shape[0]):
+        y = y + (scaling[e] * gates_tok[:, e : e + 1].to(x.dtype)) * ((xd @ lora_A[e].t()) @ lora_B[e].t())
+    return y

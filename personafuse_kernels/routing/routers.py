@@ -1,0 +1,108 @@
+"""Routers: produce the gates of a routed LoRA layer.
+
+    TokenRouter     gates[t] = softmax(x[t] W_r^T / temperature)            [..., E] per token
+    SequenceRouter  gates[b] = softmax(pool(x[b]) W_r^T / temperature)      [B, E] per sequence
+                    pool = mean over valid tokens (attention mask) or a given context embedding [B, C]
+    external        the caller sets the gates (a persona mix per batch row), see RoutedLoRALinear.set_gates
+
+Softmax runs in float32 and gates come out float32 (routed_lora accepts float32 gates with any x dtype).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+class RouterOutput(NamedTuple):
+    gates: Tensor  # [..., E] float32
+    load_balancing_loss: Tensor  # scalar: Switch-style E * sum_e f_e * P_e (1.0 when perfectly balanced)
+    z_loss: Tensor  # scalar: mean over tokens of logsumexp(logits)^2
+
+
+def switch_load_balancing_loss(probs: Tensor) -> Tensor:
+    """E * sum_e f_e * P_e with f_e the fraction of tokens whose top expert is e and P_e the mean probability.
+
+    probs [T, E] float32. Gradients flow through P_e (f_e is a count).
+    """
+    E = probs.shape[-1]
+    frac = torch.nn.functional.one_hot(probs.argmax(-1), E).to(probs.dtype).mean(0)
+    return E * (frac * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+class TokenRouter(nn.Module):
+    """Per-token dense router: Linear(K, E), temperature, softmax. Returns RouterOutput."""
+
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_experts = num_experts
+        self.temperature = float(temperature)
+        self.proj = nn.Linear(in_features, num_experts, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        logits = self.proj(x).float() / self.temperature  # [..., E]
+        probs = torch.softmax(logits, dim=-1)
+        flat_logits = logits.reshape(-1, self.num_experts)
+        return RouterOutput(probs, switch_load_balancing_loss(probs.reshape(-1, self.num_experts)),
+                            router_z_loss(flat_logits))
+
+
+class SequenceRouter(nn.Module):
+    """Per-sequence (persona) router: one gate row per sequence, from pooled hidden states or a context embedding.
+
+    forward(x [B, S, K] or [S, K], attention_mask [B, S] or [S] (1 = valid), context [B, C] or [C])
+        -> gates [B, E] (or [E] for unbatched x), float32.
+    Inside ``hold()`` (e.g. around model.generate) the first call's gates are kept and reused by later calls
+    of the same batch size, so decoding steps keep the mix computed from the prompt.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, context_features: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.num_experts = num_experts
+        self.temperature = float(temperature)
+        self.proj = nn.Linear(context_features or in_features, num_experts, device=device, dtype=dtype)
+        self._holding = False
+        self._held: Optional[Tensor] = None
+
+    def pool(self, x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """Mean over the sequence dim of x [..., S, K], over valid tokens only when a mask is given."""
+        xf = x.float()
+        if attention_mask is None:
+            return xf.mean(dim=-2)
+        if attention_mask.shape != x.shape[:-1]:
+            raise ValueError(f"attention_mask must be {tuple(x.shape[:-1])} for x {tuple(x.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        m = attention_mask.to(xf.dtype).unsqueeze(-1)
+        return (xf * m).sum(-2) / m.sum(-2).clamp_min(1.0)
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None) -> Tensor:
+        if self._holding and self._held is not None:
+            if self._held.shape[:-1] != x.shape[:-2]:
+                raise ValueError(f"held sequence gates are for batch {tuple(self._held.shape[:-1])}, "
+                                 f"got x {tuple(x.shape)}; call release() before a new batch")
+            return self._held
+        feats = context if context is not None else self.pool(x, attention_mask)
+        logits = self.proj(feats.to(self.proj.weight.dtype)).float() / self.temperature
+        gates = torch.softmax(logits, dim=-1)
+        if self._holding:
+            self._held = gates.detach()
+        return gates
+
+    def hold(self) -> None:
+        """Keep the next computed gates and reuse them until release() (decoding with a KV cache)."""
+        self._holding, self._held = True, None
+
+    def release(self) -> None:
+        self._holding, self._held = False, None

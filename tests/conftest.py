@@ -1,0 +1,41 @@
+import os
+import random
+
+import pytest
+import torch
+
+# Tolerances of a low-precision result against the float64 reference, relative to the reference's norm.
+# flash-attention's rule for gradients is applied in tests: kernel error <= 3x the error of the same-dtype
+# torch computation (plus a small absolute floor).
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "tensor", atol: float = 0.0):
+    """Relative-norm check that, on failure, prints where the worst elements are."""
+    out, ref = out.detach(), ref.detach()
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    err = rel_err(out, ref)
+    if err > rtol and float((out.double() - ref.double()).abs().max()) > atol:
+        diff = (out.double() - ref.double()).abs()
+        flat = diff.flatten().topk(min(5, diff.numel()))
+        where = [tuple(int(i) for i in torch.unravel_index(idx, diff.shape)) for idx in flat.indices]
+        details = ", ".join(
+            f"{w}: {float(out.double()[w]):.6g} vs {float(ref.double()[w]):.6g}" for w in where
+        )
+        raise AssertionError(f"{name}: relative error {err:.3e} > {rtol:.1e}; worst at {details}")

@@ -1,0 +1,67 @@
+"""torch.compile(fullgraph=True) traces models with routed layers as one custom op per layer, no graph breaks."""
+import pytest
+import torch
+import torch.nn as nn
+
+import personafuse_kernels as pfk
+
+from conftest import assert_close
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, dim=24, hidden=40, router="token", dropout=0.0):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+        pfk.inject_routed_lora(self, ["up", "down"], num_experts=3, rank=4, dropout=dropout, router=router,
+                               verbose=False)
+        for m in pfk.routed_layers(self):
+            nn.init.normal_(m.lora_B, std=0.1)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x))) + x
+
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(6, 8)
+    w = torch.randn(5, 8)
+    A = torch.randn(2, 3, 8)
+    B = torch.randn(2, 5, 3)
+    g = torch.rand(6, 2)
+    s = torch.ones(2)
+    seed = torch.empty(0, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_forward, (x, w, None, A, B, g, s, seed, 1, 0.0, "torch"))
+    dy = torch.randn(6, 5)
+    H = torch.randn(6, 6)
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_backward,
+                          (dy, x, w, A, B, g, s, seed, H, 1, 0.0, True, False, False, True, True, True, "torch"))
+
+
+@pytest.mark.parametrize("router", ["token", "sequence"])
+def test_compile_fullgraph_matches_eager(router):
+    torch._dynamo.reset()
+    model = TinyBlock(router=router)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    y_eager = model(x)
+    y_eager.sum().backward()
+    grads_eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    dx_eager = x.grad.clone()
+    model.zero_grad()
+    x.grad = None
+    compiled = torch.compile(model, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, y_eager, 1e-5, "y")
+    assert_close(x.grad, dx_eager, 1e-5, "dx")
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.grad, grads_eager[n], 1e-5, f"d{n}")
+
+
+def test_compile_fullgraph_with_dropout_runs():
+    torch._dynamo.reset()
+    model = TinyBlock(dropout=0.2).train()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(3, 24)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,104 @@
+"""The CUDA extension: built, importable, registers CUDA kernels; on a GPU its gate kernels match torch."""
+import os
+
+import pytest
+import torch
+
+import personafuse_kernels as pfk
+from personafuse_kernels._extension import load_extension
+from personafuse_kernels.ops.routed_lora_torch import TorchGateOps
+
+from conftest import requires_cuda
+
+OPS = ("gate_forward", "gate_backward")
+
+
+def _built() -> bool:
+    return bool(pfk.build_info().get("extension_built"))
+
+
+def test_build_facts_are_recorded():
+    info = pfk.build_info()
+    assert "extension_built" in info
+    if info["extension_built"]:
+        assert info["torch_version"] and info["cuda_arch_list"]
+    else:
+        assert info["skip_reason"]
+
+
+def test_extension_required_where_the_build_can_compile_it():
+    """The test script sets PERSONAFUSE_REQUIRE_EXTENSION=1 with a CUDA torch: CI must compile and link it."""
+    if os.environ.get("PERSONAFUSE_REQUIRE_EXTENSION") != "1":
+        pytest.skip("PERSONAFUSE_REQUIRE_EXTENSION is not set")
+    module, error = load_extension()
+    assert module is not None, error
+
+
+def test_extension_registers_cuda_kernels():
+    if not _built():
+        pytest.skip(f"extension not built: {pfk.build_info().get('skip_reason')}")
+    module, error = load_extension()
+    assert module is not None, error
+    for op in OPS:
+        name = f"personafuse::{op}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), f"{name} has no CUDA kernel"
+        assert hasattr(torch.ops.personafuse, op)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,E,r,seq_len", [(1, 1, 1, 1), (7, 3, 4, 1), (133, 10, 16, 1), (12, 64, 2, 4),
+                                           (4096, 10, 16, 2048)])
+def test_gate_kernels_match_torch(dtype, T, E, r, seq_len):
+    load_extension()
+    dev = "cuda"
+    H = torch.randn(T, E * r, device=dev, dtype=dtype)
+    dHg = torch.randn(T, E * r, device=dev, dtype=dtype)
+    gates = torch.rand(T // seq_len, E, device=dev)
+    scaling = torch.linspace(0.5, 2.0, E, device=dev)
+    Hg = torch.ops.personafuse.gate_forward(H, gates, scaling, seq_len)
+    Hg_ref = TorchGateOps.forward(H, gates, scaling, seq_len)
+    torch.testing.assert_close(Hg, Hg_ref)
+    dH, dg = torch.ops.personafuse.gate_backward(dHg, H, gates, scaling, seq_len)
+    dH_ref, dg_ref = TorchGateOps.backward(dHg, H, gates, scaling, seq_len)
+    torch.testing.assert_close(dH, dH_ref)
+    torch.testing.assert_close(dg, dg_ref, rtol=1e-4, atol=1e-4)
+    dH2, dg2 = torch.ops.personafuse.gate_backward(dHg, H, gates, scaling, seq_len)
+    assert torch.equal(dg, dg2), "gate_backward must be deterministic"
+
+
+@requires_cuda
+def test_gate_kernels_reject_bad_input():
+    load_extension()
+    H = torch.randn(8, 6, device="cuda")
+    gates = torch.rand(8, 3, device="cuda")
+    s = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        torch.ops.personafuse.gate_forward(H.cpu(), gates, s, 1)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.personafuse.gate_forward(H.t(), torch.rand(6, 3, device="cuda"), s, 1)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.personafuse.gate_forward(H, gates.half(), s, 1)
+    with pytest.raises(RuntimeError, match="seq_len"):
+        torch.ops.personafuse.gate_forward(H, gates, s, 3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("gate_mode", ["token", "sequence"])
+def test_cuda_backend_matches_torch_backend(gate_mode):
+    from helpers import make_inputs
+
+    if "cuda" not in pfk.available_backends():
+        pytest.skip(str(pfk.unavailable_reasons().get("cuda")))
+    inputs = make_inputs(133, 45, 33, 10, 16, device="cuda", gate_mode=gate_mode)
+    outs = {}
+    for backend in ("torch", "cuda"):
+        for t in inputs.values():
+            if t is not None:
+                t.grad = None
+        y = pfk.routed_lora(inputs["x"], inputs["weight"], inputs["bias"], inputs["lora_A"], inputs["lora_B"],
+                            inputs["gates"], scaling=2.0, backend=backend)
+        y.backward(torch.ones_like(y))
+        outs[backend] = [y.detach()] + [inputs[k].grad.clone() for k in ("x", "lora_A", "lora_B", "gates")]
+    for a, b in zip(outs["cuda"], outs["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,80 @@
+"""Bad input raises a clear ValueError/TypeError naming the argument; nothing broadcasts silently."""
+import pytest
+import torch
+
+import personafuse_kernels as pfk
+
+
+def good(**over):
+    T, K, N, E, r = 4, 8, 6, 3, 2
+    args = dict(x=torch.randn(2, T, K), weight=torch.randn(N, K), bias=torch.randn(N), lora_A=torch.randn(E, r, K),
+                lora_B=torch.randn(E, N, r), gates=torch.rand(2, T, E))
+    args.update(over)
+    return args
+
+
+def call(args, **kw):
+    return pfk.routed_lora(args["x"], args["weight"], args["bias"], args["lora_A"], args["lora_B"], args["gates"], **kw)
+
+
+def test_good_input_runs():
+    assert call(good()).shape == (2, 4, 6)
+    assert call(good(gates=torch.rand(2, 3))).shape == (2, 4, 6)  # per sequence
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(weight=torch.randn(6, 9)), ValueError, r"weight must be \[N, K\].*x \(2, 4, 8\)"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias must be \[N\]"),
+    (dict(lora_A=torch.randn(3, 2, 9)), ValueError, r"lora_A must be \[E, r, K\]"),
+    (dict(lora_B=torch.randn(4, 6, 2)), ValueError, r"number of experts"),
+    (dict(lora_B=torch.randn(3, 7, 2)), ValueError, r"lora_B must be \[E, N, r\]"),
+    (dict(lora_B=torch.randn(3, 6, 5)), ValueError, r"rank r"),
+    (dict(lora_A=torch.randn(3, 8)), ValueError, r"lora_A must have 3 dims"),
+    (dict(gates=torch.rand(2, 4, 5)), ValueError, r"expert dim E = 3"),
+    (dict(gates=torch.rand(4, 3)), ValueError, r"fit neither layout"),
+    (dict(gates=torch.rand(2, 1, 3)), ValueError, r"never broadcast"),
+    (dict(gates=torch.rand(1, 4, 3)), ValueError, r"fit neither layout"),
+    (dict(gates=torch.randint(0, 2, (2, 4, 3))), TypeError, r"gates must be a floating-point"),
+    (dict(gates=torch.rand(2, 4, 3, dtype=torch.float64)), TypeError, r"gates must be float32"),
+    (dict(weight=torch.randn(6, 8, dtype=torch.float64)), TypeError, r"share one dtype"),
+    (dict(x=torch.randn(2, 4, 8).numpy()), TypeError, r"x must be a torch.Tensor"),
+    (dict(bias=torch.randn(6, device="meta")), ValueError, r"one device"),
+])
+def test_bad_input(over, exc, match):
+    with pytest.raises(exc, match=match):
+        call(good(**over))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(dropout_p=1.0), ValueError, r"dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p"),
+    (dict(scaling=torch.ones(4)), ValueError, r"scaling must be a float or a tensor \[E\]"),
+    (dict(scaling="2"), TypeError, r"scaling"),
+    (dict(scaling=torch.ones(3, requires_grad=True)), ValueError, r"constant"),
+    (dict(backend="nope"), ValueError, r"unknown backend"),
+])
+def test_bad_options(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        call(good(), **kw)
+
+
+def test_explicit_backend_that_cannot_run_fails_loudly():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the cuda backend may run")
+    with pytest.raises(RuntimeError, match=r"'cuda' cannot run"):
+        call(good(), backend="cuda")
+
+
+def test_env_backend_override(monkeypatch):
+    monkeypatch.setenv("PERSONAFUSE_BACKEND", "nope")
+    with pytest.raises(ValueError, match=r"PERSONAFUSE_BACKEND='nope'"):
+        call(good())
+    monkeypatch.setenv("PERSONAFUSE_BACKEND", "torch")
+    assert call(good()).shape == (2, 4, 6)
+
+
+def test_available_backends_has_torch_and_reasons_for_others():
+    avail = pfk.available_backends()
+    assert "torch" in avail
+    for name, why in pfk.unavailable_reasons().items():
+        assert name not in avail and why
