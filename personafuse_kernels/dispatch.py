@@ -2,7 +2,7 @@
 
     torch   stacked GEMMs with an explicit backward; CPU and CUDA, every float dtype; the oracle
     cuda    personafuse_kernels._C kernels (+ cuBLAS); CUDA tensors, fp32/fp16/bf16
-    triton  fused Triton kernels (added by the triton backend)
+    triton  fused Triton kernels; CUDA tensors, fp32/fp16/bf16 (CPU tensors too under TRITON_INTERPRET=1)
 
 An explicit ``backend=`` argument wins, then the PERSONAFUSE_BACKEND environment variable; either fails
 loudly when that backend cannot run the call. ``auto`` picks the fastest available backend for the
@@ -39,18 +39,29 @@ def _cuda_unavailable() -> str | None:
     return None
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_unavailable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not installed ({exc})"
+    if not torch.cuda.is_available() and not _interpreting():
+        return "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return None
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "routed_lora_torch", ("cpu", "cuda"), _ALL_FLOATS, lambda: None),
+    "triton": Backend("triton", "routed_lora_triton", ("cuda", "cpu") if _interpreting() else ("cuda",),
+                      _ALL_FLOATS[:3], _triton_unavailable),
     "cuda": Backend("cuda", "routed_lora_cuda", ("cuda",), _ALL_FLOATS[:3], _cuda_unavailable),
 }
-# auto's order of preference on a CUDA device; the first that supports the call wins.
-AUTO_ORDER_CUDA = ["cuda", "torch"]
-
-
-def register_backend(backend: Backend, prefer_first: bool = False) -> None:
-    BACKENDS[backend.name] = backend
-    if prefer_first and backend.name not in AUTO_ORDER_CUDA:
-        AUTO_ORDER_CUDA.insert(0, backend.name)
+# auto's order of preference on a CUDA device; the first that supports the call wins. CPU: always torch
+# (the Triton interpreter is for tests, not speed).
+AUTO_ORDER_CUDA = ["triton", "cuda", "torch"]
 
 
 def available_backends() -> list[str]:

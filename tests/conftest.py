@@ -4,6 +4,11 @@ import random
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tolerances of a low-precision result against the float64 reference, relative to the reference's norm.
 # flash-attention's rule for gradients is applied in tests: kernel error <= 3x the error of the same-dtype
 # torch computation (plus a small absolute floor).

@@ -1,0 +1,290 @@
+"""The ``triton`` backend: launchers for the kernels in triton_kernels.py, same math and signatures as
+routed_lora_torch.py (its reference; tests hold every kernel to it, forward and every gradient).
+
+forward  (3 launches, or 4 for small T):
+    shrink        H = drop(x) A_cat^T with Hg = H * s_e g in the epilogue      [T, C]
+                  small T: split-K over K (fp32 partials) + a finalize kernel that sums and gates
+    dual GEMM     y = x W^T + b + Hg B_cat^T in one K-loop over K + C (fused), or, by config,
+                  cuBLAS F.linear then Hg B_cat^T accumulated into y in place
+backward:
+    dHg kernel    dHg = dY B_cat; epilogue dg (row-block reduction against H) and dH = dHg * s_e g
+    tn GEMMs      dB = dY^T Hg (Hg rebuilt from H on load), dA = dH^T drop(x) (mask rebuilt from the seed)
+                  split over T with fp32 partials summed in a fixed order (deterministic); atomics only
+                  with PERSONAFUSE_ATOMIC_REDUCE=1
+    dual GEMM     dx = dY W + drop'(dH A_cat), both terms in one accumulator pass
+    cuBLAS        dW = dY^T x, db = sum_t dY, only when the base is trainable
+
+No host synchronization anywhere (the dropout seed is read on the device), so CUDA graphs can capture it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_kernels as tk
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TUNED_DIR = Path(__file__).with_name("triton_configs")
+SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
+    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of one call, from the heuristic below or a tuned table."""
+    shrink_m: int
+    shrink_c: int
+    shrink_k: int
+    split_k: int
+    gemm_m: int
+    gemm_n: int
+    gemm_k: int
+    gemm_k2: int
+    group_m: int
+    fuse_base: bool  # y = x W^T + Hg B^T in one kernel (else cuBLAS base + accumulate)
+    num_warps: int
+    num_stages: int
+    dhg_m: int
+    dhg_n: int
+    tn_i: int
+    tn_j: int
+    tn_t: int
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_name: str) -> dict:
+    """Optional per-GPU table: triton_configs/<device name with spaces as _>.json mapping
+    "T<=bucket" -> {Config field: value}. Absent tables mean the heuristic alone."""
+    path = TUNED_DIR / (device_name.replace(" ", "_") + ".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=256)
+def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpret: bool) -> Config:
+    """Cached heuristic keyed on shape buckets (T rounded up to a power of two); no autotuning on the hot path.
+
+    Untuned defaults chosen from the cost model (DESIGN.md): large T is compute-bound on the base GEMM, so
+    128x128x64 tiles with grouped order; T <= 64 is bandwidth-bound, so narrow N tiles (many programs
+    streaming W once) and split-K for the shrink so A is read by many SMs.
+    """
+    small = t_bucket <= SMALL_T
+    c_blk = _pow2(C, 16, 64 if small else 128)
+    if interpret:  # few, large programs: the interpreter's cost is per program and per op
+        cfg = Config(shrink_m=64, shrink_c=_pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
+                     gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=_pow2(C, 16, 64), group_m=4, fuse_base=True,
+                     num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64, tn_j=64, tn_t=64)
+    elif small:
+        cfg = Config(shrink_m=16, shrink_c=c_blk, shrink_k=128, split_k=max(1, min(16, K // 512)),
+                     gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=_pow2(C, 16, 64), group_m=1, fuse_base=True,
+                     num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64, tn_j=64, tn_t=64)
+    else:
+        cfg = Config(shrink_m=64, shrink_c=c_blk, shrink_k=64, split_k=1,
+                     gemm_m=128, gemm_n=128, gemm_k=64, gemm_k2=32, group_m=8, fuse_base=True,
+                     num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64, tn_j=128, tn_t=64)
+    tuned = _tuned_table(device_name).get(f"T<={t_bucket}")
+    return Config(**{**cfg.__dict__, **tuned}) if tuned else cfg
+
+
+def _config_for(x: torch.Tensor, K: int, N: int, C: int) -> Config:
+    interpret = interpreting()
+    name = "interpreter" if interpret or x.device.type != "cuda" else torch.cuda.get_device_name(x.device)
+    return get_config(_pow2(x.shape[0], 1), K, N, C, name, interpret)
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """DOT_PRECISION: fp32 inputs follow torch's matmul setting (tf32 only when torch allows it); 16-bit
+    inputs ignore it. UPCAST: bf16 dot operands go to fp32 under the interpreter only (see _mma)."""
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {"DOT_PRECISION": "tf32" if tf32 else "ieee", "UPCAST": interpreting() and dtype == torch.bfloat16}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_t(T: int, tiles: int, block_t: int, device: torch.device) -> int:
+    """Chunks of T for the weight-gradient reductions: enough programs for about two waves of SMs."""
+    if interpreting():
+        return min(2, triton_cdiv(T, block_t))
+    want = max(1, (2 * _num_sms(device)) // max(tiles, 1))
+    return max(1, min(want, triton_cdiv(T, 4 * block_t)))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _atomic_reduce() -> bool:
+    return os.environ.get("PERSONAFUSE_ATOMIC_REDUCE", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
+
+
+def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg: Config):
+    """(H, Hg) [T, C] in x's dtype. x [T, K], lora_A [E, r, K], gates [G, E] fp32, scaling [E] fp32."""
+    T, K = x.shape
+    E, r, _ = lora_A.shape
+    C = E * r
+    H = x.new_empty(T, C)
+    Hg = x.new_empty(T, C)
+    if T == 0:
+        return H, Hg
+    split = cfg.split_k if T <= SMALL_T else 1
+    split = max(1, min(split, triton_cdiv(K, cfg.shrink_k)))
+    partial = x.new_empty((split, T, C), dtype=torch.float32) if split > 1 else H
+    scale = 1.0 / (1.0 - dropout_p)
+    grid = (triton_cdiv(T, cfg.shrink_m), triton_cdiv(C, cfg.shrink_c), split)
+    tk._shrink_kernel[grid](
+        x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
+        HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.shrink_m, BLOCK_C=cfg.shrink_c,
+        BLOCK_K=cfg.shrink_k, **_dot_args(x.dtype), num_warps=cfg.num_warps,
+    )
+    if split > 1:
+        tk._shrink_finalize_kernel[(triton_cdiv(T, cfg.shrink_m), triton_cdiv(C, cfg.shrink_c))](
+            partial, gates, scaling, H, Hg, T, C, r, E, seq_len, SPLIT_K=split, BLOCK_M=cfg.shrink_m,
+            BLOCK_C=cfg.shrink_c, num_warps=cfg.num_warps,
+        )
+    return H, Hg
+
+
+def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: Config,
+              has_term1: bool, accumulate: bool, dropout_term2: bool):
+    """out [M, N] (+)= x1 [M, K1] M1 + d * (x2 [M, K2] M2) (+ bias). M1 element (k, n) at k*s_k + n*s_n;
+    M2 row c at (c // R) * s_e + (c % R) * s_j, column n at n * s_n."""
+    M, N = out.shape
+    K1 = x1.shape[1] if has_term1 else 0
+    K2 = x2.shape[1]
+    if M == 0:
+        return out
+    s_m1k, s_m1n = m1_strides
+    s_m2e, s_m2j, s_m2n = m2_strides
+    grid = (triton_cdiv(M, cfg.gemm_m) * triton_cdiv(N, cfg.gemm_n),)
+    tk._dual_gemm_kernel[grid](
+        x1, m1, x2, m2, bias if bias is not None else out, out, seed,
+        M, N, K1, K2, R,
+        x1.stride(0), x1.stride(1), s_m1k, s_m1n,
+        x2.stride(0), x2.stride(1), s_m2e, s_m2j, s_m2n,
+        out.stride(0), out.stride(1),
+        dropout_p, 1.0 / (1.0 - dropout_p),
+        HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
+        BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
+        **_dot_args(out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+    """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
+    T, K = x.shape
+    N = weight.shape[0]
+    E, r, _ = lora_A.shape
+    C = E * r
+    cfg = _config_for(x, K, N, C)
+    gates32 = gates.float().contiguous()
+    scaling32 = scaling.float().contiguous()
+    H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfg)
+    # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
+    b_strides = (N * r, 1, r)
+    if cfg.fuse_base:
+        y = x.new_empty(T, N)
+        dual_gemm(y, x, (1, K), weight, Hg, lora_B, b_strides, r, bias, seed, 0.0, cfg,
+                  has_term1=True, accumulate=False, dropout_term2=False)
+    else:
+        y = F.linear(x, weight, bias)
+        dual_gemm(y, x, (1, K), weight, Hg, lora_B, b_strides, r, None, seed, 0.0, cfg,
+                  has_term1=False, accumulate=True, dropout_term2=False)
+    return y, H
+
+
+def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
+    """(dH [T, C] in H's dtype, dg_tok [T, E] fp32) from dy [T, N]."""
+    T, N = dy.shape
+    E, _, r = lora_B.shape
+    dH = torch.empty_like(H)
+    dg_tok = torch.empty(T, E, dtype=torch.float32, device=dy.device)
+    if T == 0:
+        return dH, dg_tok
+    r_pad = _pow2(r)
+    experts_per_block = max(1, min(_pow2(E), max(1, 64 // r_pad)))
+    grid = (triton_cdiv(T, cfg.dhg_m), triton_cdiv(E, experts_per_block))
+    tk._dhg_kernel[grid](
+        dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,
+        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
+        BLOCK_M=cfg.dhg_m, BLOCK_N=cfg.dhg_n, EXPERTS_PER_BLOCK=experts_per_block, R_PAD=r_pad,
+        **_dot_args(dy.dtype), num_warps=cfg.num_warps,
+    )
+    return dH, dg_tok
+
+
+def tn_gemm(p, q, I: int, J: int, q_mode: int, gates, scaling, seed, r: int, seq_len: int, dropout_p: float,
+            cfg: Config):
+    """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J] (q_mode 0 plain, 1 dropout, 2 gated)."""
+    T = p.shape[0]
+    tiles = triton_cdiv(I, cfg.tn_i) * triton_cdiv(J, cfg.tn_j)
+    atomic = _atomic_reduce()
+    split = 1 if T == 0 else _split_t(T, tiles, cfg.tn_t, p.device)
+    if atomic or split == 1:
+        out = torch.zeros(I, J, dtype=torch.float32, device=p.device)
+    else:
+        out = torch.empty(split, I, J, dtype=torch.float32, device=p.device)
+    if T == 0:
+        return out
+    E = gates.shape[1]
+    tk._tn_gemm_kernel[(triton_cdiv(I, cfg.tn_i), triton_cdiv(J, cfg.tn_j), split)](
+        p, q, gates, scaling, seed, out, T, I, J, r, E, seq_len,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        out.stride(0) if out.dim() == 3 else 0, out.stride(-2), out.stride(-1),
+        dropout_p, 1.0 / (1.0 - dropout_p),
+        Q_MODE=q_mode, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.tn_i, BLOCK_J=cfg.tn_j, BLOCK_T=cfg.tn_t,
+        **_dot_args(p.dtype), num_warps=cfg.num_warps,
+    )
+    return out.sum(0) if out.dim() == 3 else out
+
+
+def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
+    """(dx, dW, db, dA, dB, dgates); same contract as routed_lora_torch.backward."""
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
+    T, N = dy.shape
+    K = x.shape[1]
+    E, r, _ = lora_A.shape
+    C = E * r
+    cfg = _config_for(x, K, N, C)
+    gates32 = gates.float().contiguous()
+    scaling32 = scaling.float().contiguous()
+    dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfg)
+
+    dB = dy.new_empty(0)
+    if need_dB:
+        dB_cat = tn_gemm(dy, H, N, C, 2, gates32, scaling32, seed, r, seq_len, 0.0, cfg)  # [N, C]
+        dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
+    dA = dy.new_empty(0)
+    if need_dA:
+        dA = tn_gemm(dH, x, C, K, 1 if dropout_p > 0 else 0, gates32, scaling32, seed, r, seq_len, dropout_p,
+                     cfg).view(E, r, K).to(lora_A.dtype)
+    dx = dy.new_empty(0)
+    if need_dx:
+        dx = x.new_empty(T, K)
+        # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
+        dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
+                  has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
+    dW = dy.t() @ x if need_dW else dy.new_empty(0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    if need_dg:
+        G = gates.shape[0]
+        dg = (dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)).to(gates.dtype)
+    else:
+        dg = gates.new_empty(0)
+    return dx, dW, db, dA, dB, dg
