@@ -10,6 +10,7 @@ device and dtype, silently falling back to ``torch``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Callable, NamedTuple
@@ -85,12 +86,20 @@ def _why_not(backend: Backend, device: torch.device, dtype: torch.dtype) -> str 
     return None
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once at trace time: no tracing into the cache
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend name for a call on tensors of this device and dtype."""
-    name = (requested or "auto").lower()
+    return _resolve(requested or "auto", os.environ.get("PERSONAFUSE_BACKEND", ""), device.type, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype) -> str:
+    """Cached per (argument, environment, device type, dtype): availability does not change in a process."""
+    device = torch.device(device_type)
+    name = requested.lower()
     source = "backend="
-    if name == "auto" and os.environ.get("PERSONAFUSE_BACKEND"):
-        name, source = os.environ["PERSONAFUSE_BACKEND"].strip().lower(), "PERSONAFUSE_BACKEND="
+    if name == "auto" and env:
+        name, source = env.strip().lower(), "PERSONAFUSE_BACKEND="
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {source}{name!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")

@@ -129,6 +129,12 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dot_tiles(*dims: int) -> None:
+    """tl.dot on a GPU needs every tile dim >= 16; the interpreter would accept less, so check it here too."""
+    if min(dims) < 16:
+        raise AssertionError(f"tl.dot tile dims must be >= 16, got {dims}")
+
+
 def _atomic_reduce() -> bool:
     return os.environ.get("PERSONAFUSE_ATOMIC_REDUCE", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
 
@@ -147,6 +153,7 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     partial = x.new_empty((split, T, C), dtype=torch.float32) if split > 1 else H
     scale = 1.0 / (1.0 - dropout_p)
     grid = (triton_cdiv(T, cfg.shrink_m), triton_cdiv(C, cfg.shrink_c), split)
+    _dot_tiles(cfg.shrink_m, cfg.shrink_c, cfg.shrink_k)
     tk._shrink_kernel[grid](
         x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
         HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.shrink_m, BLOCK_C=cfg.shrink_c,
@@ -172,6 +179,7 @@ def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, d
     s_m1k, s_m1n = m1_strides
     s_m2e, s_m2j, s_m2n = m2_strides
     grid = (triton_cdiv(M, cfg.gemm_m) * triton_cdiv(N, cfg.gemm_n),)
+    _dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
     tk._dual_gemm_kernel[grid](
         x1, m1, x2, m2, bias if bias is not None else out, out, seed,
         M, N, K1, K2, R,
@@ -218,8 +226,10 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
     if T == 0:
         return dH, dg_tok
     r_pad = _pow2(r)
-    experts_per_block = max(1, min(_pow2(E), max(1, 64 // r_pad)))
+    # whole experts per tile, about 64 columns, never fewer than 16 (tl.dot), masked past E
+    experts_per_block = max(min(_pow2(E), max(1, 64 // r_pad)), triton_cdiv(16, r_pad))
     grid = (triton_cdiv(T, cfg.dhg_m), triton_cdiv(E, experts_per_block))
+    _dot_tiles(cfg.dhg_m, cfg.dhg_n, experts_per_block * r_pad)
     tk._dhg_kernel[grid](
         dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
@@ -243,6 +253,7 @@ def tn_gemm(p, q, I: int, J: int, q_mode: int, gates, scaling, seed, r: int, seq
     if T == 0:
         return out
     E = gates.shape[1]
+    _dot_tiles(cfg.tn_i, cfg.tn_j, cfg.tn_t)
     tk._tn_gemm_kernel[(triton_cdiv(I, cfg.tn_i), triton_cdiv(J, cfg.tn_j), split)](
         p, q, gates, scaling, seed, out, T, I, J, r, E, seq_len,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
