@@ -1,6 +1,6 @@
 """The triton backend against the torch reference: forward and every gradient, odd shapes, every gating mode,
 dropout, dtypes, the split-K / unfused / atomic paths. On CPU this runs under TRITON_INTERPRET=1 (CI)."""
-import os
+import dataclasses
 
 import pytest
 import torch
@@ -120,26 +120,54 @@ def test_low_precision_within_3x_of_torch_same_dtype(dtype):
         assert rel_err(g[name], g64[name]) <= 3 * rel_err(g_lp[name], g64[name]) + 1e-4, name
 
 
+def force_config(monkeypatch, **fields):
+    real = rlt.get_config
+    monkeypatch.setattr(rlt, "get_config", lambda *args: dataclasses.replace(real(*args), **fields))
+
+
 def test_unfused_base_path_matches(monkeypatch):
     """cuBLAS base + LoRA accumulated into y in place (the other forward layout) gives the same result."""
-    real = rlt.get_config
-
-    def unfused(*args):
-        return rlt.Config(**{**real(*args).__dict__, "fuse_base": False})
-
-    monkeypatch.setattr(rlt, "get_config", unfused)
+    force_config(monkeypatch, fuse_base=False)
     inputs = make_inputs(133, 45, 33, 10, 16, device=DEVICE)
     check_against_reference(inputs, 1.0, FP32_TOL)
 
 
+@pytest.mark.parametrize("T,K,N,E,r,dropout_p", [(133, 72, 48, 3, 8, 0.0), (133, 64, 40, 10, 16, 0.25),
+                                                 (80, 48, 56, 1, 16, 0.0)])
+def test_persistent_tma_dual_gemm(monkeypatch, T, K, N, E, r, dropout_p):
+    """The Hopper path (persistent kernel, TMA descriptors) for y and dx, on 16-byte aligned shapes."""
+    force_config(monkeypatch, tma=True, gemm_m=32, gemm_n=32, gemm_k=32, gemm_k2=16)
+    calls = []
+    real_launch = rlt.dual_gemm_tma
+    monkeypatch.setattr(rlt, "dual_gemm_tma", lambda *a, **k: calls.append(real_launch(*a, **k)) or calls[-1])
+    inputs = make_inputs(T, K, N, E, r, device=DEVICE)
+    check_against_reference(inputs, 2.0, FP32_TOL, dropout_p=dropout_p, seed=4)
+    assert calls == [True, True], "forward y and backward dx should both have run on the TMA kernel"
+
+
+def test_tma_falls_back_on_misaligned_strides_and_on_compile_failure(monkeypatch):
+    force_config(monkeypatch, tma=True, gemm_m=32, gemm_n=32, gemm_k=32, gemm_k2=16)
+    inputs = make_inputs(133, 45, 33, 3, 4, device=DEVICE)  # K = 45 floats: rows not 16-byte aligned
+    check_against_reference(inputs, 1.0, FP32_TOL)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    class Broken:
+        def __getitem__(self, grid):
+            return broken
+
+    monkeypatch.setattr(rlt.tk, "_dual_gemm_tma_kernel", Broken())
+    monkeypatch.setattr(rlt, "_TMA_FAILED", set())
+    inputs = make_inputs(133, 72, 48, 3, 8, device=DEVICE)
+    with pytest.warns(UserWarning, match="TMA dual-GEMM kernel failed to compile"):
+        check_against_reference(inputs, 1.0, FP32_TOL)
+    assert len(rlt._TMA_FAILED) == 1
+
+
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_split_k_shrink(monkeypatch, split_k):
-    real = rlt.get_config
-
-    def with_split(*args):
-        return rlt.Config(**{**real(*args).__dict__, "split_k": split_k, "shrink_k": 16})
-
-    monkeypatch.setattr(rlt, "get_config", with_split)
+    force_config(monkeypatch, split_k=split_k, shrink_k=16)
     inputs = make_inputs(7, 70, 33, 3, 4, device=DEVICE)
     check_against_reference(inputs, 1.0, FP32_TOL, dropout_p=0.2, seed=3)
 

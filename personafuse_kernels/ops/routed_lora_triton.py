@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,6 +56,8 @@ class Config:
     gemm_k2: int
     group_m: int
     fuse_base: bool  # y = x W^T + Hg B^T in one kernel (else cuBLAS base + accumulate)
+    tma: bool  # persistent TMA dual GEMM (Hopper) when the strides allow it, else the pointer kernel
+    warp_specialize: bool
     num_warps: int
     num_stages: int
     dhg_m: int
@@ -85,17 +88,19 @@ def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpre
     if interpret:  # few, large programs: the interpreter's cost is per program and per op
         cfg = Config(shrink_m=64, shrink_c=_pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
                      gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=_pow2(C, 16, 64), group_m=4, fuse_base=True,
-                     num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64, tn_j=64, tn_t=64)
+                     tma=False, warp_specialize=False, num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64, tn_j=64, tn_t=64)
     elif small:
         cfg = Config(shrink_m=16, shrink_c=c_blk, shrink_k=128, split_k=max(1, min(16, K // 512)),
                      gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=_pow2(C, 16, 64), group_m=1, fuse_base=True,
-                     num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64, tn_j=64, tn_t=64)
+                     tma=False, warp_specialize=False, num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64, tn_j=64, tn_t=64)
     else:
+        hopper = device_name.startswith("NVIDIA H")  # H100 / H200 / H20 / H800: TMA + wgmma
+        # Hopper: DESIGN.md's calibration, 128x256x64 tiles, 8 warps, 3 stages, persistent with TMA.
         cfg = Config(shrink_m=64, shrink_c=c_blk, shrink_k=64, split_k=1,
-                     gemm_m=128, gemm_n=128, gemm_k=64, gemm_k2=32, group_m=8, fuse_base=True,
-                     num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64, tn_j=128, tn_t=64)
+                     gemm_m=128, gemm_n=256 if hopper else 128, gemm_k=64, gemm_k2=32, group_m=8, fuse_base=True,
+                     tma=hopper, warp_specialize=False, num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64, tn_j=128, tn_t=64)
     tuned = _tuned_table(device_name).get(f"T<={t_bucket}")
-    return Config(**{**cfg.__dict__, **tuned}) if tuned else cfg
+    return replace(cfg, **tuned) if tuned else cfg
 
 
 def _config_for(x: torch.Tensor, K: int, N: int, C: int) -> Config:
@@ -167,6 +172,54 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     return H, Hg
 
 
+_TMA_FAILED: set = set()  # configs whose TMA kernel failed to compile on this machine (fall back, warn once)
+
+
+def _set_tma_allocator() -> None:
+    """Device-side tensor descriptors need a scratch allocator; Triton asks for one through set_allocator."""
+    import triton
+
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base pointers and row strides of contiguous 2D operands."""
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config, m_trans: bool,
+                  dropout_term2: bool) -> bool:
+    """Persistent TMA dual GEMM; returns False (nothing launched) when it cannot run here."""
+    if not cfg.tma or cfg in _TMA_FAILED or not _tma_ok(out, x1, m1, x2, m2):
+        return False
+    M, N = out.shape
+    num_sms = _num_sms(out.device)
+    grid = (min(num_sms, triton_cdiv(M, cfg.gemm_m) * triton_cdiv(N, cfg.gemm_n)),)
+    _dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
+    if not interpreting():
+        _set_tma_allocator()
+    try:
+        tk._dual_gemm_tma_kernel[grid](
+            x1, m1, x2, m2, bias if bias is not None else out, out, seed, M, N, x1.shape[1], x2.shape[1],
+            dropout_p, 1.0 / (1.0 - dropout_p),
+            M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2,
+            BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
+            NUM_SMS=num_sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
+            **_dot_args(out.dtype), num_warps=cfg.num_warps,
+        )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # compile-time failure (unsupported config on this Triton): nothing ran yet
+        _TMA_FAILED.add(cfg)
+        warnings.warn(f"personafuse: the TMA dual-GEMM kernel failed to compile ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using the pointer kernel")
+        return False
+    return True
+
+
 def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: Config,
               has_term1: bool, accumulate: bool, dropout_term2: bool):
     """out [M, N] (+)= x1 [M, K1] M1 + d * (x2 [M, K2] M2) (+ bias). M1 element (k, n) at k*s_k + n*s_n;
@@ -206,6 +259,11 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfg)
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
     b_strides = (N * r, 1, r)
+    if cfg.fuse_base and cfg.tma and T > SMALL_T:
+        y = x.new_empty(T, N)
+        B_cat = lora_B.permute(1, 0, 2).reshape(N, C)  # [N, C] copy (N*C elements) for a dense descriptor
+        if dual_gemm_tma(y, x, weight, Hg, B_cat, bias, seed, 0.0, cfg, m_trans=True, dropout_term2=False):
+            return y, H
     if cfg.fuse_base:
         y = x.new_empty(T, N)
         dual_gemm(y, x, (1, K), weight, Hg, lora_B, b_strides, r, bias, seed, 0.0, cfg,
@@ -288,9 +346,12 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     dx = dy.new_empty(0)
     if need_dx:
         dx = x.new_empty(T, K)
-        # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
-        dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
-                  has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
+        on_tma = T > SMALL_T and dual_gemm_tma(dx, dy, weight, dH, lora_A.view(C, K), None, seed, dropout_p, cfg,
+                                               m_trans=False, dropout_term2=dropout_p > 0)
+        if not on_tma:
+            # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
+            dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
+                      has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
     dW = dy.t() @ x if need_dW else dy.new_empty(0)
     db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
     if need_dg:

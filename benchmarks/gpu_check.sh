@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One script for a GPU machine (H100/H200, no network): build the extension, run the GPU tests, run the
+# benchmark, write everything under OUT_DIR, print a short table last.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [--memcheck] [--quick]
+#
+# Uses the machine's python3 (torch, triton, pytest preinstalled there); installs nothing from a registry.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="${1:-${OUT:-$ROOT/gpu_out}}"
+shift || true
+MEMCHECK=0
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --memcheck) MEMCHECK=1 ;;
+    --quick) QUICK=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --memcheck, --quick)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+cd "$ROOT"
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; \
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; \
+  git rev-parse --short HEAD 2>/dev/null; } > "$OUT_DIR/env.txt" 2>&1
+echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+start=$(date +%s)
+if ! PERSONAFUSE_FORCE_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1; then
+  tail -40 "$OUT_DIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+
+echo "== GPU tests"
+PERSONAFUSE_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider tests > "$OUT_DIR/tests.log" 2>&1
+test_rc=$?
+tail -3 "$OUT_DIR/tests.log"
+
+memcheck_rc=skipped
+if [ "$MEMCHECK" = 1 ]; then
+  echo "== compute-sanitizer memcheck (extension and triton kernel tests)"
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider \
+      tests/test_extension.py "tests/test_routed_lora_triton.py::test_matches_torch_fp32" > "$OUT_DIR/memcheck.log" 2>&1
+  memcheck_rc=$?
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT_DIR/memcheck.log" | tail -3
+fi
+
+echo "== benchmark"
+if [ "$QUICK" = 1 ]; then
+  shapes="1,4096,4096,10,16;4096,4096,4096,10,16"
+else
+  shapes="1,4096,4096,10,16;16,4096,4096,10,16;64,4096,4096,10,16;4096,4096,4096,10,16;16384,4096,4096,10,16;8192,4096,14336,10,16;8192,14336,4096,10,16"
+fi
+"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton,cuda --shapes "$shapes" \
+    --out "$OUT_DIR/bench" > "$OUT_DIR/bench.log" 2>&1
+bench_rc=$?
+# torch.compile recompiles per shape (tens of seconds each): two shapes only
+"$PY" benchmarks/bench_routed_lora.py --providers base,stacked,compile --shapes "4096,4096,4096,10,16;16,4096,4096,10,16" \
+    --out "$OUT_DIR/bench_compile" > "$OUT_DIR/bench_compile.log" 2>&1
+
+echo "== summary: tests rc=$test_rc memcheck=$memcheck_rc bench rc=$bench_rc"
+grep -A40 "base in ms" "$OUT_DIR/bench.log" | head -40
+grep -A10 "base in ms" "$OUT_DIR/bench_compile.log" | head -10
+[ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]
