@@ -6,13 +6,17 @@ Public API:
     routed_lora(x, weight, bias, lora_A, lora_B, gates, scaling=1.0, dropout_p=0.0, backend="auto")
     available_backends()
     RoutedLoRALinear.from_linear(linear, num_experts=10, rank=16, alpha=32, dropout=0.0, router="token")
-    TokenRouter, SequenceRouter, inject_routed_lora, router_aux_losses, hold_sequence_gates, routing_inputs
+    TokenRouter, SequenceRouter
+    inject_routed_lora, from_peft, export_peft, save_adapters, load_adapters, merge, unmerge,
+    persona_gates, hold_sequence_gates, routing_inputs, router_aux_losses
 """
 from .build_info import build_info
 from .dispatch import available_backends, unavailable_reasons
 from .functional import routed_lora
-from .integration import inject_routed_lora
-from .modules import RoutedLoRALinear, hold_sequence_gates, routed_layers, router_aux_losses, routing_inputs
+from .integration import (export_peft, from_peft, hold_sequence_gates, inject_routed_lora, load_adapters, merge,
+                          named_routed_layers, persona_gates, routed_layers, router_aux_losses, routing_inputs,
+                          save_adapters, unmerge)
+from .modules import RoutedLoRALinear
 from .routing import RouterOutput, SequenceRouter, TokenRouter
 
 __version__ = "0.1.0"
@@ -20,5 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "routed_lora", "available_backends", "unavailable_reasons", "build_info",
     "RoutedLoRALinear", "TokenRouter", "SequenceRouter", "RouterOutput",
-    "inject_routed_lora", "router_aux_losses", "hold_sequence_gates", "routed_layers", "routing_inputs",
+    "inject_routed_lora", "from_peft", "export_peft", "save_adapters", "load_adapters", "merge", "unmerge",
+    "persona_gates", "router_aux_losses", "hold_sequence_gates", "routed_layers", "named_routed_layers",
+    "routing_inputs",
 ]

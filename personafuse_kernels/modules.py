@@ -9,8 +9,7 @@ caller ("external": set_gates(gates [B, E]) once per batch, or forward(x, gates=
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -60,6 +59,8 @@ class RoutedLoRALinear(nn.Module):
         self._external_gates: Optional[Tensor] = None
         self._attention_mask: Optional[Tensor] = None
         self.router_output: Optional[RouterOutput] = None  # last token-router output (aux losses)
+        self._unmerged_weight: Optional[Tensor] = None  # exact copy of W while a persona mix is merged
+        self.merged_gates: Optional[Tensor] = None
         self.reset_lora_parameters()
 
     @classmethod
@@ -107,12 +108,49 @@ class RoutedLoRALinear(nn.Module):
             return self.router_output.gates
         if self.router_mode == "sequence":
             return self.router(x, attention_mask=self._attention_mask)
-        if self._external_gates is None:
+        g = self._external_gates
+        if g is None:
             raise RuntimeError("this RoutedLoRALinear has router='external': call set_gates(gates [B, E]) "
                                "or pass gates= to forward")
-        return self._external_gates
+        if g.dim() == 1 and x.dim() >= 3:  # one mix [E] for every sequence of x [..., S, K]
+            g = g.expand(*x.shape[:-2], self.num_experts)
+        return g
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    @torch.no_grad()
+    def merge(self, gates: Tensor) -> None:
+        """Fold a fixed mix into W: W += sum_e scaling_e g_e B_e A_e (in float32, then W's dtype).
+
+        gates [E]. While merged, forward is the base linear alone (zero overhead); unmerge() restores W
+        bit for bit from a copy kept on the CPU.
+        """
+        if self.merged:
+            raise RuntimeError("this layer is already merged: call unmerge() first")
+        g = torch.as_tensor(gates, dtype=torch.float32, device=self.lora_A.device)
+        if g.shape != (self.num_experts,):
+            raise ValueError(f"merge needs one mix of shape [E] = [{self.num_experts}], got {tuple(g.shape)}")
+        weight = self.base_layer.weight
+        coef = g * self.scaling.float()  # [E]
+        delta = torch.einsum("e,enr,erk->nk", coef, self.lora_B.float(), self.lora_A.float())  # [N, K]
+        self._unmerged_weight = weight.detach().to("cpu", copy=True)
+        weight.copy_((weight.float() + delta).to(weight.dtype))
+        self.merged_gates = g
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight that merge() changed."""
+        if not self.merged:
+            raise RuntimeError("this layer is not merged")
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_gates = None
 
     def forward(self, x: Tensor, gates: Optional[Tensor] = None) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
         if gates is None:
             gates = self.compute_gates(x)
         return routed_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, gates,
@@ -123,48 +161,3 @@ class RoutedLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
                 f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, router={self.router_mode!r}, "
                 f"backend={self.backend!r}")
-
-
-def routed_layers(model: nn.Module) -> Iterator[RoutedLoRALinear]:
-    return (m for m in model.modules() if isinstance(m, RoutedLoRALinear))
-
-
-def router_aux_losses(model: nn.Module) -> dict[str, Tensor]:
-    """Sum of the token routers' load-balancing and z losses from the last forward (zeros if none)."""
-    outs = [m.router_output for m in routed_layers(model) if m.router_output is not None]
-    if not outs:
-        zero = torch.zeros(())
-        return {"load_balancing_loss": zero, "z_loss": zero}
-    return {"load_balancing_loss": torch.stack([o.load_balancing_loss for o in outs]).sum(),
-            "z_loss": torch.stack([o.z_loss for o in outs]).sum()}
-
-
-@contextmanager
-def hold_sequence_gates(model: nn.Module):
-    """Within the block, each sequence router keeps the gates of its first call (the prompt) for later calls
-    (decoding steps with a KV cache). Released on exit."""
-    routers = [m.router for m in routed_layers(model) if isinstance(m.router, SequenceRouter)]
-    for r in routers:
-        r.hold()
-    try:
-        yield model
-    finally:
-        for r in routers:
-            r.release()
-
-
-@contextmanager
-def routing_inputs(model: nn.Module, gates: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None):
-    """Set external gates and/or the attention mask the sequence routers pool over, for every routed layer."""
-    layers = list(routed_layers(model))
-    for m in layers:
-        if gates is not None:
-            m.set_gates(gates)
-        m.set_attention_mask(attention_mask)
-    try:
-        yield model
-    finally:
-        for m in layers:
-            if gates is not None:
-                m.set_gates(None)
-            m.set_attention_mask(None)

@@ -134,7 +134,7 @@ def test_inject_routed_lora_freezes_and_reports(capsys):
     assert trainable and all(("lora_" in n or "router" in n) for n in trainable)
     with pytest.raises(ValueError, match="match no module"):
         pfk.inject_routed_lora(model, ["q_proj"])
-    with pytest.raises(TypeError, match="not an nn.Linear"):
+    with pytest.raises(TypeError, match="only nn.Linear and transformers. Conv1D can be routed"):
         pfk.inject_routed_lora(nn.Sequential(nn.ReLU()), ["0"])
     losses = pfk.router_aux_losses(model)
     assert float(losses["load_balancing_loss"]) == 0.0

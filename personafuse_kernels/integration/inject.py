@@ -1,0 +1,104 @@
+"""inject_routed_lora: put routed LoRA layers into an existing model (any transformers model, or any nn.Module).
+
+Targets are matched like peft's target_modules: a module is replaced when the last component of its name
+is in the list (or its full name is). nn.Linear layers are wrapped as they are; GPT-2-style Conv1D layers
+(weight [in, out]) are converted to an equivalent nn.Linear first. Everything else is frozen.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..modules import RoutedLoRALinear
+from .context import hold_sequence_gates, routing_inputs
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+
+
+def as_linear(mod: nn.Module, name: str) -> nn.Linear:
+    """The nn.Linear a target module computes; GPT-2's Conv1D (y = x W + b, W [in, out]) is transposed once."""
+    if isinstance(mod, nn.Linear):
+        return mod
+    if _is_conv1d(mod):
+        w = mod.weight  # [in, out]
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.t())
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias)
+        return lin
+    raise TypeError(f"{name} is a {type(mod).__name__}; only nn.Linear and transformers' Conv1D can be routed")
+
+
+def find_targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Module]]:
+    targets = set(target_modules)
+    if not targets:
+        raise ValueError("target_modules is empty")
+    matches = [(name, mod) for name, mod in model.named_modules()
+               if name and (name in targets or name.split(".")[-1] in targets)
+               and not isinstance(mod, RoutedLoRALinear)]
+    matches = [(n, m) for n, m in matches if not any(n.startswith(p + ".") for p, _ in matches)]  # outermost only
+    found = {n.split(".")[-1] for n, _ in matches} | {n for n, _ in matches}
+    if missing := sorted(t for t in targets if t not in found):
+        raise ValueError(f"target_modules {missing} match no module of {type(model).__name__}")
+    return matches
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _wrap_generate(model: nn.Module) -> None:
+    """model.generate keeps each sequence router's prompt gates for all decoding steps (KV cache), pooling the
+    prompt over its attention mask. Idempotent."""
+    generate = getattr(model, "generate", None)
+    if generate is None or getattr(generate, "_personafuse_wrapped", False):
+        return
+
+    @functools.wraps(generate)
+    def generate_with_held_gates(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        with hold_sequence_gates(model), routing_inputs(model, attention_mask=mask):
+            return generate(*args, **kwargs)
+
+    generate_with_held_gates._personafuse_wrapped = True
+    model.generate = generate_with_held_gates
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def inject_routed_lora(model: nn.Module, target_modules: Iterable[str], num_experts: int = 10, rank: int = 16,
+                       alpha: Optional[float] = 32, dropout: float = 0.0, router: str = "token",
+                       top_k: Optional[int] = None, verbose: bool = True, **layer_kwargs) -> nn.Module:
+    """Replace the target projections with RoutedLoRALinear; freeze all but adapters and routers.
+
+    With a sequence router, model.generate holds each prompt's gates across decoding steps. Prints how
+    many parameters are trainable (verbose). Returns the model (changed in place).
+    """
+    if top_k is not None:
+        raise NotImplementedError("top_k routing is not available yet: use top_k=None (dense gates)")
+    matches = find_targets(model, target_modules)
+    linears = [(name, as_linear(mod, name)) for name, mod in matches]  # all checks before any change
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, lin in linears:
+        replace_module(model, name, RoutedLoRALinear(lin, num_experts, rank, alpha=alpha, dropout=dropout,
+                                                     router=router, **layer_kwargs))
+    _wrap_generate(model)
+    if verbose:
+        trainable, total = count_parameters(model)
+        kinds = sorted({n.split(".")[-1] for n, _ in matches})
+        print(f"personafuse: routed {len(matches)} projections ({', '.join(kinds)}) with E={num_experts}, "
+              f"r={rank}, router={router}; trainable params {trainable:,} of {total:,} "
+              f"({100.0 * trainable / max(total, 1):.2f}%)")
+    return model

@@ -1,0 +1,38 @@
+"""Merge a fixed persona mix into the base weights for zero-overhead inference, and undo it exactly."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .context import routed_layers
+
+
+def merge(model: nn.Module, gates) -> nn.Module:
+    """Fold gates [E] (one mix for every token) into every routed layer's W: W += sum_e s_e g_e B_e A_e."""
+    layers = list(routed_layers(model))
+    if not layers:
+        raise ValueError("the model has no routed layers to merge")
+    g = torch.as_tensor(gates, dtype=torch.float32)
+    if g.dim() == 2 and g.shape[0] == 1:
+        g = g[0]
+    if g.dim() != 1:
+        raise ValueError(f"merge folds one mix, gates [E]; got {tuple(g.shape)} (a different mix per sequence "
+                         f"cannot be merged into shared weights)")
+    if any(m.merged for m in layers):
+        raise RuntimeError("the model is already merged: call unmerge(model) first")
+    for m in layers:
+        if g.shape[0] != m.num_experts:
+            raise ValueError(f"gates have {g.shape[0]} experts, the layers {m.num_experts}")
+    for m in layers:
+        m.merge(g)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Restore every merged layer's base weight bit for bit."""
+    merged = [m for m in routed_layers(model) if m.merged]
+    if not merged:
+        raise RuntimeError("the model is not merged")
+    for m in merged:
+        m.unmerge()
+    return model
