@@ -168,8 +168,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "tqdm"],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors"],
-        "test": ["pytest", "transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors", "peft"],
+        "test": ["pytest", "transformers>=4.40", "safetensors", "peft", "accelerate"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

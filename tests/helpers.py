@@ -57,3 +57,30 @@ def reference(inputs, scaling, keep=None, dropout_p=0.0, dtype=torch.float64):
 def backward_grads(y, leaves, dy):
     y.backward(dy)
     return {k: v.grad for k, v in leaves.items() if v is not None}
+
+
+def tiny_llama(seed: int = 0, vocab: int = 64, hidden: int = 32, layers: int = 2):
+    """A small random Llama built from a config (no download), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def randomize_adapters(model, std: float = 0.2, seed: int = 1):
+    """Non-zero lora_B and router weights, so adapters and routing change the output."""
+    import personafuse_kernels as pfk
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in pfk.routed_layers(model):
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
+            if m.router is not None:
+                m.router.proj.weight.copy_(torch.randn(m.router.proj.weight.shape, generator=g))
+    return model
