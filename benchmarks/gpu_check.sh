@@ -53,14 +53,16 @@ if [ "$QUICK" = 1 ]; then
 else
   shapes="1,4096,4096,10,16;16,4096,4096,10,16;64,4096,4096,10,16;4096,4096,4096,10,16;16384,4096,4096,10,16;8192,4096,14336,10,16;8192,14336,4096,10,16"
 fi
-"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton,cuda --shapes "$shapes" \
-    --out "$OUT_DIR/bench" > "$OUT_DIR/bench.log" 2>&1
+"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton,cuda --shapes "$shapes" --e2e \
+    --no-progress --out "$OUT_DIR/bench" > "$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
 # torch.compile recompiles per shape (tens of seconds each): two shapes only
-"$PY" benchmarks/bench_routed_lora.py --providers base,stacked,compile --shapes "4096,4096,4096,10,16;16,4096,4096,10,16" \
+"$PY" benchmarks/bench_routed_lora.py --providers base,stacked,compile --shapes "4096,4096,4096,10,16;16,4096,4096,10,16" --no-progress --no-plot \
     --out "$OUT_DIR/bench_compile" > "$OUT_DIR/bench_compile.log" 2>&1
 
+# the device tool returns at most 8 files: keep the logs, pack the row folders into one archive
+tar czf "$OUT_DIR/rows.tar.gz" -C "$OUT_DIR" bench bench_compile 2>/dev/null && rm -rf "$OUT_DIR/bench" "$OUT_DIR/bench_compile"
 echo "== summary: tests rc=$test_rc memcheck=$memcheck_rc bench rc=$bench_rc"
-grep -A40 "base in ms" "$OUT_DIR/bench.log" | head -40
+grep -A60 "base in ms" "$OUT_DIR/bench.log" | head -60
 grep -A10 "base in ms" "$OUT_DIR/bench_compile.log" | head -10
 [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]

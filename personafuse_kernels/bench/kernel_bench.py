@@ -1,0 +1,249 @@
+"""Op-level benchmark: every provider x mode x shape, as ratios to the base F.linear measured in the same run.
+
+Modes: fwd, bwd (backward alone, from a kept graph), fwdbwd (W frozen: grads of x, lora_A, lora_B, gates;
+the base provider computes dx only). Metrics: median ms (GPU: triton.testing.do_bench, L2 flushed before
+each repetition; CPU: perf_counter medians), ratio to base, TFLOP/s from the cost model of DESIGN.md,
+peak MiB allocated above the inputs (GPU). Inputs x and gates rotate among ROTATIONS sets between calls.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .providers import PROVIDERS, make_provider, unavailable
+
+MODES = ("fwd", "bwd", "fwdbwd")
+ROTATIONS = 3
+E_PF, R_PF = 10, 16  # PersonaFuse: ten Big Five experts, rank 16
+# Llama-3.1-8B projections (hidden 4096, intermediate 14336, 8 KV heads of 128): K, N
+LLAMA8B_PROJECTIONS = {"q/o_proj": (4096, 4096), "k/v_proj": (4096, 1024), "gate/up_proj": (4096, 14336),
+                       "down_proj": (14336, 4096)}
+DECODE_T = (1, 16, 64)
+PREFILL_T = (4096, 16384)
+
+
+@dataclass(frozen=True)
+class Shape:
+    T: int
+    K: int
+    N: int
+    E: int
+    r: int
+    name: str = ""
+
+    def label(self) -> str:
+        return f"{self.name + ' ' if self.name else ''}T={self.T} {self.K}x{self.N} E={self.E} r={self.r}"
+
+
+def preset_shapes(preset: str) -> list[Shape]:
+    """'decode' / 'prefill' / 'llama8b' (both) on the Llama-3.1-8B projections, 'issue' (the target table),
+    'quick' (small CPU shapes)."""
+    if preset == "quick":
+        return [Shape(1, 256, 256, E_PF, R_PF, "tiny"), Shape(128, 256, 512, E_PF, R_PF, "tiny")]
+    if preset == "issue":
+        return [Shape(T, 4096, 4096, E_PF, R_PF, "q/o_proj") for T in (1, 16, 64, 4096, 16384)] + [
+            Shape(8192, 4096, 14336, E_PF, R_PF, "gate/up_proj"), Shape(8192, 14336, 4096, E_PF, R_PF, "down_proj")]
+    ts = {"decode": DECODE_T, "prefill": PREFILL_T, "llama8b": DECODE_T + PREFILL_T}.get(preset)
+    if ts is None:
+        raise ValueError(f"unknown shape preset {preset!r}; choose from quick, issue, decode, prefill, llama8b")
+    return [Shape(T, K, N, E_PF, R_PF, name) for T in ts for name, (K, N) in LLAMA8B_PROJECTIONS.items()]
+
+
+def parse_shapes(text: str) -> list[Shape]:
+    """'T,K,N,E,r;T,K,N,E,r' -> shapes."""
+    shapes = []
+    for part in text.split(";"):
+        values = [int(v) for v in part.split(",")]
+        if len(values) != 5 or min(values) < 1:
+            raise ValueError(f"a shape is T,K,N,E,r (all >= 1), got {part!r}")
+        shapes.append(Shape(*values))
+    return shapes
+
+
+def flops(mode: str, s: Shape, provider: str) -> float:
+    base = {"fwd": 2, "bwd": 2, "fwdbwd": 4}[mode] * s.T * s.K * s.N
+    if provider == "base":
+        return base
+    return base + {"fwd": 2, "bwd": 4, "fwdbwd": 6}[mode] * s.T * s.E * s.r * (s.K + s.N)
+
+
+def median_ms(fn, device: str, grad_to_none=None) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(5):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def env_facts() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                          text=True, timeout=10).stdout.strip():
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"cpu ({platform.processor() or platform.machine()})")
+    return {"device": device, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "commit": commit, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _inputs(s: Shape, device: str, dtype: torch.dtype, grads: bool):
+    g = dict(device=device, dtype=dtype)
+    W = torch.randn(s.N, s.K, **g) / s.K**0.5
+    b = torch.randn(s.N, **g)
+    A = (torch.randn(s.E, s.r, s.K, **g) / s.K**0.5).requires_grad_(grads)
+    B = (torch.randn(s.E, s.N, s.r, **g) / s.r**0.5).requires_grad_(grads)
+    sets = [(torch.randn(s.T, s.K, **g).requires_grad_(grads),
+             torch.softmax(torch.randn(s.T, s.E, device=device), -1).requires_grad_(grads)) for _ in range(ROTATIONS)]
+    return W, b, A, B, sets
+
+
+def bench_case(s: Shape, mode: str, providers: list[str], device: str, dtype: torch.dtype, progress=None):
+    """Rows for one shape and mode; 'base' must come first (the ratio's denominator)."""
+    torch.manual_seed(0)
+    grads = mode != "fwd"
+    W, b, A, B, sets = _inputs(s, device, dtype, grads)
+    scale = torch.full((s.E,), 2.0, device=device)
+    dy = torch.randn(s.T, s.N, device=device, dtype=dtype)
+    rows, base_ms = [], None
+    for name in providers:
+        if progress is not None:
+            progress.set_postfix_str(f"{name} {mode} {s.label()}")
+        row = {"provider": name, "mode": mode, "shape": s.name, "T": s.T, "K": s.K, "N": s.N, "E": s.E, "r": s.r,
+               "dtype": str(dtype).replace("torch.", "")}
+        why = unavailable(name, device)
+        if why:
+            row["error"] = why
+        else:
+            try:
+                row.update(_time_provider(name, mode, s, device, W, b, A, B, sets, scale, dy))
+                if name == "base":
+                    base_ms = row["ms"]
+                row["ratio_to_base"] = round(row["ms"] / base_ms, 3) if base_ms else None
+            except Exception as exc:  # recorded in the row, not fatal: one provider failing must not lose the run
+                row["error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def _time_provider(name, mode, s, device, W, b, A, B, sets, scale, dy):
+    fwd = make_provider(name)
+    leaves = [A, B] + [t for pair in sets for t in pair] if mode != "fwd" else []
+    step = iter(range(1 << 62))
+
+    def next_inputs():
+        return sets[next(step) % ROTATIONS]
+
+    if mode == "fwd":
+        def fn():
+            x, g = next_inputs()
+            with torch.no_grad():
+                return fwd(x, W, b, A, B, g, scale)
+    elif mode == "fwdbwd":
+        def fn():
+            x, g = next_inputs()
+            fwd(x, W, b, A, B, g, scale).backward(dy)
+    else:
+        outs = [fwd(x, W, b, A, B, g, scale) for x, g in sets]
+
+        def fn():
+            outs[next(step) % ROTATIONS].backward(dy, retain_graph=True)
+    fn()  # compilation and first launches stay out of the timing and the memory peak
+    before = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    ms = median_ms(fn, device, grad_to_none=leaves)
+    out = {"ms": float(f"{ms:.5g}"), "tflops": float(f"{flops(mode, s, name) / ms / 1e9:.4g}")}
+    if device == "cuda":
+        out["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
+    for t in leaves:
+        t.grad = None
+    return out
+
+
+def run(shapes: list[Shape], modes: list[str], providers: list[str], device: str, dtype: torch.dtype,
+        show_progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    if providers[0] != "base":
+        providers = ["base"] + [p for p in providers if p != "base"]
+    facts = env_facts()
+    rows = []
+    with tqdm(total=len(shapes) * len(modes) * len(providers), desc="bench", file=sys.stderr,
+              disable=not show_progress) as progress:
+        for s in shapes:
+            for mode in modes:
+                rows += [{**r, **facts} for r in bench_case(s, mode, providers, device, dtype, progress)]
+    return rows
+
+
+def save_rows(rows: list[dict], out: Path, stem: str = "rows") -> list[Path]:
+    import csv
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    fields = sorted({k for r in rows for k in r})
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return [out / f"{stem}.json", out / f"{stem}.csv"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Base in ms; every other provider as its ratio to base in the same run ('n/a' where it cannot run)."""
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    head = f"{'shape':<34}{'mode':<8}" + "".join(f"{p:>10}" for p in providers)
+    lines = [head, "-" * len(head)]
+    seen = []
+    for r in rows:
+        key = (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"], r["mode"])
+        if key not in seen:
+            seen.append(key)
+    for key in seen:
+        cells = []
+        for p in providers:
+            match = [r for r in rows if (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"], r["mode"]) == key
+                     and r["provider"] == p]
+            if not match:
+                cells.append("")
+            elif "error" in match[0]:
+                cells.append("n/a")
+            elif p == "base":
+                cells.append(f"{match[0]['ms']:.3f}ms")
+            else:
+                cells.append(f"{match[0]['ratio_to_base']:.2f}x")
+        label = Shape(*key[1:6], key[0]).label()
+        lines.append(f"{label:<34}{key[6]:<8}" + "".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""What the benchmarks compare: the routed LoRA op as users would otherwise compute it, and our backends.
+
+Every provider computes y = x W^T + b + sum_e s_e g[t, e] (x A_e^T) B_e^T with x [T, K], W [N, K], b [N],
+A [E, r, K], B [E, N, r], g [T, E] float32, s [E] float32.
+    base      F.linear alone (cuBLAS on a GPU): the denominator of every ratio
+    loop      per-expert loop through autograd (peft's X-LoRA and most mixture-of-LoRA code)
+    stacked   two stacked GEMMs plus an elementwise gate, autograd through ops (careful hand-written torch)
+    compile   torch.compile of stacked
+    torch / triton / cuda   personafuse_kernels.routed_lora(backend=...)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..dispatch import available_backends
+from ..functional import routed_lora
+
+PROVIDERS = ["base", "loop", "stacked", "compile", "torch", "triton", "cuda"]
+OUR_BACKENDS = ("torch", "triton", "cuda")
+
+
+def loop_lora(x, W, b, A, B, g, s):
+    y = F.linear(x, W, b)
+    for e in range(A.shape[0]):
+        y = y + (s[e] * g[:, e : e + 1]).to(x.dtype) * ((x @ A[e].t()) @ B[e].t())
+    return y
+
+
+def stacked_lora(x, W, b, A, B, g, s):
+    T, K = x.shape
+    E, r, _ = A.shape
+    H = x @ A.reshape(E * r, K).t()
+    Hg = (H.view(T, E, r) * (g * s).to(x.dtype)[:, :, None]).view(T, E * r)
+    return torch.addmm(F.linear(x, W, b), Hg, B.permute(1, 0, 2).reshape(-1, E * r).t())
+
+
+def unavailable(name: str, device: str) -> str | None:
+    """Why a provider cannot run on this device, or None."""
+    if name not in PROVIDERS:
+        return f"unknown provider {name!r}"
+    if name in OUR_BACKENDS and name not in available_backends():
+        from ..dispatch import unavailable_reasons
+
+        return unavailable_reasons().get(name, "unavailable")
+    if name in ("triton", "cuda") and device != "cuda":
+        return "needs a CUDA device"
+    return None
+
+
+def make_provider(name: str):
+    if name == "base":
+        return lambda x, W, b, A, B, g, s: F.linear(x, W, b)
+    if name == "loop":
+        return loop_lora
+    if name == "stacked":
+        return stacked_lora
+    if name == "compile":
+        return torch.compile(stacked_lora, dynamic=False)
+    if name in OUR_BACKENDS:
+        return lambda x, W, b, A, B, g, s: routed_lora(x, W, b, A, B, g, scaling=s, backend=name)
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+
+@contextmanager
+def per_expert_loop(model: nn.Module):
+    """Within the block, the model's routed layers compute with the per-expert loop (through autograd)
+    instead of personafuse_kernels: the baseline of the end-to-end comparisons."""
+    from ..integration.context import routed_layers
+    from ..routing.gates import normalize_gates, token_gates
+
+    layers = list(routed_layers(model))
+
+    def loop_forward(layer, x, gates=None):
+        if gates is None:
+            gates = layer.compute_gates(x)
+        K = x.shape[-1]
+        norm = normalize_gates(gates, x.shape, layer.num_experts)
+        g = token_gates(norm.gates, norm.seq_len).float()
+        y = loop_lora(x.reshape(-1, K), layer.weight, layer.bias, layer.lora_A, layer.lora_B, g, layer.scaling)
+        return y.view(*x.shape[:-1], -1)
+
+    for layer in layers:
+        layer.forward = loop_forward.__get__(layer)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.forward
