@@ -109,3 +109,102 @@ class RoutedLoRAFunction(torch.autograd.Function):
             dg if need[5] else None,
             None, None, None, None, None,
         )
+
+
+# ---------------------------------------------------------------- top-k gates (grouped path)
+#   personafuse::routed_lora_topk_forward(x, weight, bias?, lora_A, lora_B, indices, weights, scaling, seed,
+#       sorted_pairs, group_start, block_group, block_start, block_m, dropout_p, backend) -> (y [T, N], saved)
+#   saved: H [T*k, r] (triton, per pair) or [T, E*r] (torch reference). The routing metadata is built once by
+#   RoutedLoRATopKFunction and passed to both ops.
+
+def _topk_ops(backend: str):
+    from .ops import routed_lora_topk_torch, routed_lora_topk_triton
+
+    return {"torch": routed_lora_topk_torch, "triton": routed_lora_topk_triton}[backend]
+
+
+def _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices):
+    from .routing.topk import RoutingMeta
+
+    return RoutingMeta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A.shape[0], indices.shape[1])
+
+
+def routed_lora_topk_forward_impl(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, indices: Tensor,
+    weights: Tensor, scaling: Tensor, seed: Tensor, sorted_pairs: Tensor, group_start: Tensor, block_group: Tensor,
+    block_start: Tensor, block_m: int, dropout_p: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    meta = _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices)
+    return _topk_ops(backend).forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, meta)
+
+
+routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_topk_forward", mutates_args=())(
+    routed_lora_topk_forward_impl
+)
+
+
+@routed_lora_topk_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, sorted_pairs, group_start, block_group,
+      block_start, block_m, dropout_p, backend):
+    E, r, _ = lora_A.shape
+    saved = x.new_empty(x.shape[0], E * r) if backend == "torch" else x.new_empty(indices.numel(), r)
+    return x.new_empty(x.shape[0], weight.shape[0]), saved
+
+
+def routed_lora_topk_backward_impl(
+    dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, indices: Tensor, weights: Tensor,
+    scaling: Tensor, seed: Tensor, saved: Tensor, sorted_pairs: Tensor, group_start: Tensor, block_group: Tensor,
+    block_start: Tensor, block_m: int, dropout_p: float, need_dx: bool, need_dW: bool, need_db: bool,
+    need_dA: bool, need_dB: bool, need_dweights: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    meta = _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices)
+    needs = (need_dx, need_dW, need_db, need_dA, need_dB, need_dweights)
+    return _topk_ops(backend).backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved,
+                                       dropout_p, meta, needs)
+
+
+routed_lora_topk_backward_op = torch.library.custom_op("personafuse::routed_lora_topk_backward", mutates_args=())(
+    routed_lora_topk_backward_impl
+)
+
+
+@routed_lora_topk_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, sorted_pairs, group_start,
+      block_group, block_start, block_m, dropout_p, need_dx, need_dW, need_db, need_dA, need_dB, need_dweights,
+      backend):
+    def grad_like(t, wanted, shape=None):
+        return t.new_empty(shape if shape is not None else t.shape) if wanted else t.new_empty(0)
+
+    return (grad_like(x, need_dx), grad_like(weight, need_dW), grad_like(dy, need_db, (weight.shape[0],)),
+            grad_like(lora_A, need_dA), grad_like(lora_B, need_dB), grad_like(weights, need_dweights))
+
+
+class RoutedLoRATopKFunction(torch.autograd.Function):
+    """Top-k routed LoRA: routing metadata built once here (device ops, no sync), reused by backward.
+    Gradients reach x, weight, bias, lora_A, lora_B and the routing weights; indices carry none."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, backend):
+        from .routing.topk import build_routing_metadata
+
+        block_m = 16 if backend == "torch" else _topk_ops(backend).block_m_for(*indices.shape)
+        meta = build_routing_metadata(indices, lora_A.shape[0], block_m)
+        tensors = (meta.sorted_pairs, meta.group_start, meta.block_group, meta.block_start)
+        op = torch.ops.personafuse.routed_lora_topk_forward if _compiling() else routed_lora_topk_forward_impl
+        y, saved = op(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, *tensors, block_m, dropout_p,
+                      backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors)
+        ctx.block_m, ctx.dropout_p, ctx.backend, ctx.has_bias = block_m, dropout_p, backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_db = need[2] and ctx.has_bias
+        op = torch.ops.personafuse.routed_lora_topk_backward if _compiling() else routed_lora_topk_backward_impl
+        dx, dW, db, dA, dB, dw = op(dy.contiguous(), x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved,
+                                    *tensors, ctx.block_m, ctx.dropout_p, need[0], need[1], need_db, need[3], need[4],
+                                    need[6], ctx.backend)
+        return (dx if need[0] else None, dW if need[1] else None, db if need_db else None, dA if need[3] else None,
+                dB if need[4] else None, None, dw if need[6] else None, None, None, None, None)

@@ -114,6 +114,34 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype) -> 
     return "torch"
 
 
+# Backends with grouped (top-k) kernels; the others run top-k gates on the dense path.
+TOPK_BACKENDS = ("torch", "triton")
+
+
+def prefer_grouped(num_experts: int, rank: int, k: int) -> bool:
+    """Grouped top-k kernels, or the dense stacked path with zeros off the top-k?
+
+    Cost model (DESIGN.md figures for an H100/H200, not yet measured here): per token, the dense path adds about
+    4 * E * r * K FLOP (K = N); the grouped path does only k experts' FLOP but gathers x k times and makes k
+    read-modify-write passes over y, about k * 6 * K bytes, i.e. k * 1440 * K FLOP at 240 FLOP/byte.
+    Grouped wins when E * r > 360 * k: PersonaFuse (E = 10, r = 16) stays dense; E = 64, r = 16, top-2 is grouped.
+    """
+    return num_experts * rank > 360 * k
+
+
+def resolve_topk_backend(name: str, num_experts: int, rank: int, k: int) -> str | None:
+    """The grouped backend for top-k gates, or None for the dense path (gates scattered to [T, E]).
+    `name` is the backend resolve_backend chose for the call."""
+    path = os.environ.get("PERSONAFUSE_TOPK_PATH", "auto").lower()  # auto | grouped | dense
+    if path not in ("auto", "grouped", "dense"):
+        raise ValueError(f"PERSONAFUSE_TOPK_PATH must be auto, grouped or dense; got {path!r}")
+    if name not in TOPK_BACKENDS or path == "dense":
+        return None
+    if path == "grouped" or name == "torch" or prefer_grouped(num_experts, rank, k):
+        return name
+    return None
+
+
 def get_backend_ops(name: str):
     """The ops module (forward, backward) of a backend."""
     return importlib.import_module(f".ops.{BACKENDS[name].module}", __package__)

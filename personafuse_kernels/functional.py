@@ -7,10 +7,11 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .autograd import RoutedLoRAFunction
-from .dispatch import resolve_backend
+from .autograd import RoutedLoRAFunction, RoutedLoRATopKFunction
+from .dispatch import resolve_backend, resolve_topk_backend
 from .ops.dropout import new_seed
 from .routing.gates import normalize_gates
+from .routing.topk import TopKGates
 
 
 def _shape(t: Optional[Tensor]):
@@ -35,13 +36,21 @@ def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
         _check_tensor("bias", bias, 1)
     _check_tensor("lora_A", lora_A, 3)
     _check_tensor("lora_B", lora_B, 3)
-    _check_tensor("gates", gates)
+    if isinstance(gates, TopKGates):
+        gates.check(lora_A.shape[0] if isinstance(lora_A, Tensor) and lora_A.dim() == 3 else 1)
+        if tuple(gates.indices.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(f"top-k gates are per token: indices must be {tuple(x.shape[:-1]) + (gates.k,)} for x "
+                             f"{tuple(x.shape)}, got {tuple(gates.indices.shape)}")
+        gates_t = gates.weights
+    else:
+        _check_tensor("gates", gates)
+        gates_t = gates
     K = x.shape[-1]
     N = weight.shape[0]
     E, r, KA = lora_A.shape
     EB, NB, rB = lora_B.shape
     shapes = (f"x {_shape(x)}, weight {_shape(weight)}, bias {_shape(bias)}, lora_A {_shape(lora_A)}, "
-              f"lora_B {_shape(lora_B)}, gates {_shape(gates)}")
+              f"lora_B {_shape(lora_B)}, gates {gates if isinstance(gates, TopKGates) else _shape(gates)}")
     if weight.shape[1] != K:
         raise ValueError(f"weight must be [N, K] with K = x.shape[-1] = {K}; got {shapes}")
     if bias is not None and bias.shape[0] != N:
@@ -56,7 +65,7 @@ def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
         raise ValueError(f"lora_B must be [E, N, r] with N = weight.shape[0] = {N}; got {shapes}")
     if rB != r:
         raise ValueError(f"lora_A and lora_B disagree on the rank r ({r} vs {rB}); got {shapes}")
-    named = [("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B), ("gates", gates)]
+    named = [("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B), ("gates", gates_t)]
     devices = {name: t.device for name, t in named if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device; got {', '.join(f'{k} on {v}' for k, v in devices.items())}")
@@ -66,8 +75,8 @@ def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
             f"x, weight, bias, lora_A and lora_B must share one dtype; got "
             f"{', '.join(f'{k} {v}' for k, v in dtypes.items())}"
         )
-    if gates.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"gates must be float32 or x's dtype {x.dtype}; got {gates.dtype}")
+    if gates_t.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"gates must be float32 or x's dtype {x.dtype}; got {gates_t.dtype}")
     if not isinstance(dropout_p, numbers.Real) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
@@ -103,7 +112,7 @@ def routed_lora(
     bias: Optional[Tensor],
     lora_A: Tensor,
     lora_B: Tensor,
-    gates: Tensor,
+    gates: Union[Tensor, TopKGates],
     scaling: Union[float, Tensor] = 1.0,
     dropout_p: float = 0.0,
     backend: str = "auto",
@@ -116,7 +125,9 @@ def routed_lora(
         lora_A:  [E, r, K] every expert's lora_A (peft's layout, stacked)
         lora_B:  [E, N, r] every expert's lora_B
         gates:   [..., E] with x's leading dims (per token), or with one leading dim fewer than x, e.g.
-                 [B, E] for x [B, S, K] (per sequence). float32 or x's dtype.
+                 [B, E] for x [B, S, K] (per sequence). float32 or x's dtype. Or TopKGates(indices [..., k],
+                 weights [..., k]) per token: only the k chosen experts are computed (grouped kernels) when
+                 E * r is large enough for that to pay, else the dense path with zeros off the top-k.
         scaling: float, or tensor [E] (alpha / r per expert)
         dropout_p: dropout on the LoRA branch's input (pass 0 in eval); the mask is regenerated in backward
         backend: "auto", "torch", "triton" or "cuda" (PERSONAFUSE_BACKEND overrides "auto")
@@ -125,14 +136,24 @@ def routed_lora(
     """
     _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B], x.device.type)
-    E = lora_A.shape[0]
+    E, r = lora_A.shape[0], lora_A.shape[1]
     K, N = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
-    norm = normalize_gates(gates, x.shape, E)
     scale = _scaling_tensor(scaling, E, x)
     name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
+    if isinstance(gates, TopKGates):
+        grouped = resolve_topk_backend(name, E, r, gates.k)
+        if grouped is not None:
+            y = RoutedLoRATopKFunction.apply(
+                x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                lora_A.contiguous(), lora_B.contiguous(), gates.indices.reshape(-1, gates.k).contiguous(),
+                gates.weights.reshape(-1, gates.k).contiguous(), scale, seed, p, grouped,
+            )
+            return y.view(*lead, N)
+        gates = gates.to_dense(E)  # the dense stacked path, zeros off the top-k
+    norm = normalize_gates(gates, x.shape, E)
     y = RoutedLoRAFunction.apply(
         x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
         lora_A.contiguous(), lora_B.contiguous(), norm.gates, scale, seed, norm.seq_len, p, name,

@@ -23,18 +23,12 @@ ROUTER_MODES = ("token", "sequence", "external")
 
 class RoutedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: Optional[float] = None,
-                 dropout: float = 0.0, router: str = "token", temperature: float = 1.0, backend: str = "auto"):
+                 dropout: float = 0.0, router: str = "token", temperature: float = 1.0, backend: str = "auto",
+                 top_k: Optional[int] = None, capacity_factor: Optional[float] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if not (isinstance(num_experts, int) and num_experts >= 1):
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-        if router not in ROUTER_MODES:
-            raise ValueError(f"router must be one of {ROUTER_MODES}, got {router!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.check_args(num_experts, rank, dropout, router, top_k)
         K, N = base.in_features, base.out_features
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.base_layer = base
@@ -51,7 +45,8 @@ class RoutedLoRALinear(nn.Module):
         self.register_buffer("scaling", torch.full((num_experts,), self.alpha / rank, dtype=torch.float32,
                                                    device=factory["device"]), persistent=False)
         if router == "token":
-            self.router = TokenRouter(K, num_experts, temperature, **factory)
+            self.router = TokenRouter(K, num_experts, temperature, top_k=top_k, capacity_factor=capacity_factor,
+                                      **factory)
         elif router == "sequence":
             self.router = SequenceRouter(K, num_experts, temperature, **factory)
         else:
@@ -62,6 +57,23 @@ class RoutedLoRALinear(nn.Module):
         self._unmerged_weight: Optional[Tensor] = None  # exact copy of W while a persona mix is merged
         self.merged_gates: Optional[Tensor] = None
         self.reset_lora_parameters()
+
+    @staticmethod
+    def check_args(num_experts, rank, dropout=0.0, router="token", top_k=None) -> None:
+        """Raise ValueError for arguments no layer can be built with (before anything is changed)."""
+        if not (isinstance(num_experts, int) and num_experts >= 1):
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+        if router not in ROUTER_MODES:
+            raise ValueError(f"router must be one of {ROUTER_MODES}, got {router!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if top_k is not None and router != "token":
+            raise ValueError(f"top_k routing needs router='token' (got router={router!r}); external gates can be "
+                             f"pfk.TopKGates directly")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts = {num_experts}], got {top_k}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_experts: int = 10, rank: int = 16, alpha: Optional[float] = 32,
@@ -94,7 +106,7 @@ class RoutedLoRALinear(nn.Module):
 
     def set_gates(self, gates: Optional[Tensor]) -> None:
         """External gates for the next calls: [B, E] (a mix per sequence) or per token [..., E]; None clears."""
-        if gates is not None and gates.shape[-1] != self.num_experts:
+        if isinstance(gates, Tensor) and gates.shape[-1] != self.num_experts:
             raise ValueError(f"gates must end in E = {self.num_experts}, got {tuple(gates.shape)}")
         self._external_gates = gates
 
@@ -112,7 +124,7 @@ class RoutedLoRALinear(nn.Module):
         if g is None:
             raise RuntimeError("this RoutedLoRALinear has router='external': call set_gates(gates [B, E]) "
                                "or pass gates= to forward")
-        if g.dim() == 1 and x.dim() >= 3:  # one mix [E] for every sequence of x [..., S, K]
+        if isinstance(g, Tensor) and g.dim() == 1 and x.dim() >= 3:  # one mix [E] for every sequence of x [..., S, K]
             g = g.expand(*x.shape[:-2], self.num_experts)
         return g
 
@@ -158,6 +170,7 @@ class RoutedLoRALinear(nn.Module):
                            backend=self.backend)
 
     def extra_repr(self) -> str:
+        top_k = getattr(self.router, "top_k", None)
         return (f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
-                f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, router={self.router_mode!r}, "
-                f"backend={self.backend!r}")
+                f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, router={self.router_mode!r}"
+                + (f", top_k={top_k}" if top_k else "") + f", backend={self.backend!r}")

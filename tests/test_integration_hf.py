@@ -63,8 +63,8 @@ def test_inject_errors_leave_model_unchanged():
         pfk.inject_routed_lora(model, ["q_proj", "nope_proj"], verbose=False)
     with pytest.raises(TypeError, match="only nn.Linear"):
         pfk.inject_routed_lora(model, ["embed_tokens"], verbose=False)
-    with pytest.raises(NotImplementedError, match="top_k"):
-        pfk.inject_routed_lora(model, ["q_proj"], top_k=2, verbose=False)
+    with pytest.raises(ValueError, match="top_k routing needs router='token'"):
+        pfk.inject_routed_lora(model, ["q_proj"], top_k=2, router="sequence", verbose=False)
     assert not list(pfk.routed_layers(model))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())

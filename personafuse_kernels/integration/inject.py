@@ -82,23 +82,23 @@ def inject_routed_lora(model: nn.Module, target_modules: Iterable[str], num_expe
                        top_k: Optional[int] = None, verbose: bool = True, **layer_kwargs) -> nn.Module:
     """Replace the target projections with RoutedLoRALinear; freeze all but adapters and routers.
 
+    top_k (router="token" only): each token uses its k most probable experts (TopKGates).
     With a sequence router, model.generate holds each prompt's gates across decoding steps. Prints how
     many parameters are trainable (verbose). Returns the model (changed in place).
     """
-    if top_k is not None:
-        raise NotImplementedError("top_k routing is not available yet: use top_k=None (dense gates)")
+    RoutedLoRALinear.check_args(num_experts, rank, dropout, router, top_k)
     matches = find_targets(model, target_modules)
     linears = [(name, as_linear(mod, name)) for name, mod in matches]  # all checks before any change
     for p in model.parameters():
         p.requires_grad_(False)
     for name, lin in linears:
         replace_module(model, name, RoutedLoRALinear(lin, num_experts, rank, alpha=alpha, dropout=dropout,
-                                                     router=router, **layer_kwargs))
+                                                     router=router, top_k=top_k, **layer_kwargs))
     _wrap_generate(model)
     if verbose:
         trainable, total = count_parameters(model)
         kinds = sorted({n.split(".")[-1] for n, _ in matches})
         print(f"personafuse: routed {len(matches)} projections ({', '.join(kinds)}) with E={num_experts}, "
-              f"r={rank}, router={router}; trainable params {trainable:,} of {total:,} "
+              f"r={rank}, router={router}{f' top-{top_k}' if top_k else ''}; trainable params {trainable:,} of {total:,} "
               f"({100.0 * trainable / max(total, 1):.2f}%)")
     return model

@@ -9,27 +9,42 @@ Softmax runs in float32 and gates come out float32 (routed_lora accepts float32 
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .topk import TopKGates
+
 
 class RouterOutput(NamedTuple):
-    gates: Tensor  # [..., E] float32
+    gates: "Tensor | TopKGates"  # [..., E] float32, or TopKGates with top_k
     load_balancing_loss: Tensor  # scalar: Switch-style E * sum_e f_e * P_e (1.0 when perfectly balanced)
     z_loss: Tensor  # scalar: mean over tokens of logsumexp(logits)^2
+    dropped: Optional[Tensor] = None  # top-k with a capacity factor: number of (token, slot) pairs dropped
 
 
-def switch_load_balancing_loss(probs: Tensor) -> Tensor:
-    """E * sum_e f_e * P_e with f_e the fraction of tokens whose top expert is e and P_e the mean probability.
-
-    probs [T, E] float32. Gradients flow through P_e (f_e is a count).
-    """
+def switch_load_balancing_loss(probs: Tensor, indices: Optional[Tensor] = None) -> Tensor:
+    """E * sum_e f_e * P_e with f_e the fraction of routing assignments to expert e (each token's top expert,
+    or its top-k indices [T, k]) and P_e the mean probability. probs [T, E] float32. Gradients flow through P_e."""
     E = probs.shape[-1]
-    frac = torch.nn.functional.one_hot(probs.argmax(-1), E).to(probs.dtype).mean(0)
+    chosen = probs.argmax(-1, keepdim=True) if indices is None else indices
+    frac = torch.nn.functional.one_hot(chosen, E).to(probs.dtype).sum(-2).mean(0) / chosen.shape[-1]
     return E * (frac * probs.mean(0)).sum()
+
+
+def apply_capacity(indices: Tensor, weights: Tensor, num_experts: int, capacity_factor: float):
+    """Drop (zero the weight of) pairs past each expert's capacity ceil(cf * T * k / E), slot 0 of every token
+    first, then slot 1, ... (GShard's priority). Returns (weights, number of dropped pairs as a tensor)."""
+    T, k = indices.shape
+    capacity = math.ceil(capacity_factor * T * k / num_experts)
+    order = indices.t().reshape(-1)  # slot-major
+    onehot = torch.nn.functional.one_hot(order, num_experts)
+    position = ((onehot.cumsum(0) - 1) * onehot).sum(-1)  # rank of each pair within its expert
+    keep = (position < capacity).view(k, T).t()
+    return weights * keep.to(weights.dtype), (~keep).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
@@ -38,22 +53,40 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 class TokenRouter(nn.Module):
-    """Per-token dense router: Linear(K, E), temperature, softmax. Returns RouterOutput."""
+    """Per-token router: Linear(K, E), temperature, softmax in float32; dense gates, or with top_k the k largest
+    probabilities renormalized to sum to 1 (TopKGates). Optional capacity_factor (top-k only) drops pairs past
+    each expert's capacity and reports how many in RouterOutput.dropped. Returns RouterOutput."""
 
-    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, device=None, dtype=None):
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 capacity_factor: Optional[float] = None, device=None, dtype=None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
+        if capacity_factor is not None and (top_k is None or capacity_factor <= 0):
+            raise ValueError("capacity_factor needs top_k and must be > 0")
         self.num_experts = num_experts
         self.temperature = float(temperature)
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
         self.proj = nn.Linear(in_features, num_experts, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> RouterOutput:
         logits = self.proj(x).float() / self.temperature  # [..., E]
         probs = torch.softmax(logits, dim=-1)
-        flat_logits = logits.reshape(-1, self.num_experts)
-        return RouterOutput(probs, switch_load_balancing_loss(probs.reshape(-1, self.num_experts)),
-                            router_z_loss(flat_logits))
+        flat_probs = probs.reshape(-1, self.num_experts)
+        z = router_z_loss(logits.reshape(-1, self.num_experts))
+        if self.top_k is None:
+            return RouterOutput(probs, switch_load_balancing_loss(flat_probs), z)
+        top = flat_probs.topk(self.top_k, dim=-1)
+        weights = top.values / top.values.sum(-1, keepdim=True)
+        dropped = None
+        if self.capacity_factor is not None:
+            weights, dropped = apply_capacity(top.indices, weights, self.num_experts, self.capacity_factor)
+        lead = probs.shape[:-1]
+        gates = TopKGates(top.indices.view(*lead, self.top_k), weights.view(*lead, self.top_k), validate=False)
+        return RouterOutput(gates, switch_load_balancing_loss(flat_probs, top.indices), z, dropped)
 
 
 class SequenceRouter(nn.Module):

@@ -1,0 +1,30 @@
+"""The ``torch`` backend of top-k routed LoRA: the reference every grouped kernel is tested against.
+
+    y[t] = x[t] W^T + b + sum_s weights[t, s] * s_e * (drop(x[t]) A_e^T) B_e^T,   e = indices[t, s]
+
+Computed as the dense op with gates scattered from the top-k weights (zeros off the top-k), so it is exactly
+the dense semantics; dweights[t, s] = dgates_dense[t, indices[t, s]]. Shapes: x [T, K], indices/weights
+[T, k], the rest as in routed_lora_torch. The routing metadata arguments are unused here.
+"""
+from __future__ import annotations
+
+from . import routed_lora_torch
+
+
+def _dense(indices, weights, E):
+    return weights.new_zeros(indices.shape[0], E).scatter(1, indices, weights)  # [T, E]
+
+
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta):
+    """Returns (y [T, N], saved): saved is H [T, E*r] of the dense formulation."""
+    return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, _dense(indices, weights, lora_A.shape[0]),
+                                     scaling, seed, 1, dropout_p)
+
+
+def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, dropout_p: float, meta, needs):
+    """(dx, dW, db, dA, dB, dweights [T, k])."""
+    gates = _dense(indices, weights, lora_A.shape[0])
+    dx, dW, db, dA, dB, dg = routed_lora_torch.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, saved,
+                                                       1, dropout_p, needs)
+    dweights = dg.gather(1, indices) if needs[5] else weights.new_empty(0)
+    return dx, dW, db, dA, dB, dweights

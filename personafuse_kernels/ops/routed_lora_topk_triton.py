@@ -1,0 +1,122 @@
+"""The ``triton`` backend of top-k routed LoRA: grouped kernels over routing metadata (triton_grouped_kernels.py),
+same contract as routed_lora_topk_torch.py (the reference).
+
+forward:  base y = x W^T + b (cuBLAS); grouped shrink H, Hg [P, r] (x rows gathered on load, dropout mask
+          regenerated from the seed, w_p s_e applied in the epilogue); for each slot s, grouped expand adds
+          Hg B_e^T into the rows of y (each token once per slot: no atomics, deterministic)
+backward: grouped dHg = dY[tok] B_e with dweights and dH in the epilogue; dB_e, dA_e as per-expert reductions
+          over each expert's contiguous pairs; dx = dY W (cuBLAS) + for each slot drop'(dH A_e) into its rows
+The metadata (RoutingMeta) is built once per call, before forward, and reused by backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing.topk import RoutingMeta
+from . import triton_grouped_kernels as gk
+from .routed_lora_triton import _dot_args, _num_sms, _pow2, interpreting, triton_cdiv
+
+BLOCK_L = 64
+
+
+def block_m_for(T: int, k: int) -> int:
+    """Pairs per block (the metadata's BLOCK_M): small batches waste less padding with 16."""
+    return 16 if T * k <= 1024 or interpreting() else 64
+
+
+def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: RoutingMeta, r: int, epilogue: int,
+               dropout_p: float):
+    L = X.shape[1]
+    grid = (meta.block_group.shape[0],)
+    gk._grouped_pair_gemm_kernel[grid](
+        X, M, w_pair, scaling, seed, H, out, dw, meta.block_group, meta.block_start, meta.group_start,
+        meta.sorted_pairs, L, r, meta.k, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
+        EPILOGUE=epilogue, HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_L=BLOCK_L,
+        R_PAD=_pow2(r, 16), **_dot_args(X.dtype), num_warps=4,
+    )
+
+
+def _expand(out, X2, M, m_strides, seed, meta: RoutingMeta, r: int, dropout_p: float):
+    """out[tok] += d * X2[p] M_e for every slot (one launch per slot)."""
+    N = out.shape[1]
+    block_n = 64
+    grid = (meta.block_group.shape[0], triton_cdiv(N, block_n))
+    for slot in range(meta.k):
+        gk._grouped_expand_kernel[grid](
+            X2, M, out, seed, meta.block_group, meta.block_start, meta.group_start, meta.sorted_pairs,
+            N, r, meta.k, slot, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
+            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=_pow2(r, 16),
+            **_dot_args(out.dtype), num_warps=4,
+        )
+
+
+def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: int, r: int, mode: int,
+           dropout_p: float):
+    """[E, I, J] fp32: dB (mode 0, I = N, J = r) or dA (mode 1, I = r, J = K)."""
+    block_i = _pow2(I, 16, 64)
+    block_j = _pow2(J, 16, 64)
+    tiles = triton_cdiv(I, block_i) * triton_cdiv(J, block_j)
+    split = 1 if interpreting() else max(1, min(8, (2 * _num_sms(P.device)) // max(1, E * tiles)))
+    out = torch.empty(split, E, I, J, dtype=torch.float32, device=P.device)
+    gk._grouped_wgrad_kernel[(E, tiles, split)](
+        P, Q, w_pair, scaling, seed, out, meta.group_start, meta.sorted_pairs, I, J, r, meta.k,
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), dropout_p, 1.0 / (1.0 - dropout_p),
+        MODE=mode, HAS_DROPOUT=mode == 1 and dropout_p > 0.0, SPLIT=split, BLOCK_I=block_i, BLOCK_J=block_j,
+        BLOCK_T=32, **_dot_args(P.dtype), num_warps=4,
+    )
+    return out.sum(0) if split > 1 else out[0]
+
+
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta: RoutingMeta):
+    """(y [T, N], H [P, r]) with P = T * k pairs."""
+    T, K = x.shape
+    N = weight.shape[0]
+    E, r, _ = lora_A.shape
+    P = indices.numel()
+    w_pair = weights.float().reshape(-1).contiguous()
+    scaling32 = scaling.float().contiguous()
+    H = x.new_empty(P, r)
+    Hg = x.new_empty(P, r)
+    y = F.linear(x, weight, bias)
+    if P == 0:
+        return y, H
+    # lora_A [E, r, K] read as M[e, l=k, j] at e*r*K + k + j*K
+    _pair_gemm(x, lora_A, (r * K, 1, K), w_pair, scaling32, seed, H, Hg, w_pair, meta, r, 0, dropout_p)
+    # lora_B [E, N, r] read as M[e, j, n] at e*N*r + j + n*r
+    _expand(y, Hg, lora_B, (N * r, 1, r), seed, meta, r, 0.0)
+    return y, H
+
+
+def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, dropout_p: float,
+             meta: RoutingMeta, needs):
+    """(dx, dW, db, dA, dB, dweights [T, k])."""
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dw = needs
+    T, N = dy.shape
+    K = x.shape[1]
+    E, r, _ = lora_A.shape
+    P = indices.numel()
+    w_pair = weights.float().reshape(-1).contiguous()
+    scaling32 = scaling.float().contiguous()
+    dH = torch.zeros_like(H)
+    dw = torch.zeros(P, dtype=torch.float32, device=dy.device)
+    if P:
+        # dHg = dY[tok] B_e: lora_B read as M[e, l=n, j] at e*N*r + n*r + j
+        _pair_gemm(dy, lora_B, (N * r, r, 1), w_pair, scaling32, seed, H, dH, dw, meta, r, 1, 0.0)
+    dB = dy.new_empty(0)
+    if need_dB:
+        dB = (_wgrad(dy, H, w_pair, scaling32, seed, meta, E, N, r, r, 0, 0.0) if P
+              else torch.zeros(E, N, r, device=dy.device)).to(lora_B.dtype)
+    dA = dy.new_empty(0)
+    if need_dA:
+        dA = (_wgrad(dH, x, w_pair, scaling32, seed, meta, E, r, K, r, 1, dropout_p) if P
+              else torch.zeros(E, r, K, device=dy.device)).to(lora_A.dtype)
+    dx = dy.new_empty(0)
+    if need_dx:
+        dx = dy @ weight
+        if P:  # lora_A [E, r, K] as M[e, j, n=k] at e*r*K + j*K + k
+            _expand(dx, dH, lora_A, (r * K, K, 1), seed, meta, r, dropout_p)
+    dW = dy.t() @ x if need_dW else dy.new_empty(0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    dweights = dw.view(indices.shape).to(weights.dtype) if need_dw else weights.new_empty(0)
+    return dx, dW, db, dA, dB, dweights

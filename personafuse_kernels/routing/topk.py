@@ -1,0 +1,111 @@
+"""Top-k gates and the routing metadata the grouped kernels share between forward and backward.
+
+    TopKGates(indices [..., k] int64, weights [..., k] float): token t uses experts indices[t, :] with weights
+    weights[t, :]. Equivalent to dense gates g[t, e] = weights[t, s] where indices[t, s] == e, else 0.
+
+Pairs: p = t * k + s (token t, slot s), expert e(p) = indices[t, s]. The metadata sorts pairs by group
+g = e * k + s (expert-major, so one expert's pairs are contiguous; slot-minor, so a block never mixes slots)
+and cuts every group into blocks of BLOCK_M pairs: a kernel program takes one block, gathers its tokens' rows
+and uses one expert's weights. Sizes are static (at most cdiv(P, BLOCK_M) + E*k blocks) and everything is
+computed on the device: no host sync, so CUDA graphs replay it.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TopKGates:
+    """indices [..., k] (int64, each token's k distinct experts), weights [..., k] (float, carry gradients).
+
+    validate=True (the default for user-made gates) checks dtypes, shapes, range and duplicates on the Python
+    side before any kernel runs; that check reads the indices, so on a GPU it synchronizes once. Routers make
+    their gates with validate=False (top-k of a softmax is valid by construction).
+    """
+
+    __slots__ = ("indices", "weights", "validated")
+
+    def __init__(self, indices: Tensor, weights: Tensor, validate: bool = True):
+        self.indices = indices
+        self.weights = weights
+        self.validated = not validate
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[-1]
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError/TypeError naming what is wrong; cheap once validated."""
+        idx, w = self.indices, self.weights
+        if not isinstance(idx, Tensor) or not isinstance(w, Tensor):
+            raise TypeError("TopKGates needs tensors: indices [..., k] int64 and weights [..., k] float")
+        if idx.dtype != torch.int64:
+            raise TypeError(f"TopKGates indices must be int64, got {idx.dtype}")
+        if not w.is_floating_point():
+            raise TypeError(f"TopKGates weights must be floating point, got {w.dtype}")
+        if idx.shape != w.shape or idx.dim() < 1 or idx.shape[-1] < 1:
+            raise ValueError(f"TopKGates indices and weights must share a shape [..., k] with k >= 1; got indices "
+                             f"{tuple(idx.shape)} and weights {tuple(w.shape)}")
+        if idx.device != w.device:
+            raise ValueError(f"TopKGates indices on {idx.device} but weights on {w.device}")
+        if idx.shape[-1] > num_experts:
+            raise ValueError(f"top-k with k = {idx.shape[-1]} > E = {num_experts} experts")
+        if self.validated or idx.numel() == 0:
+            return
+        lo, hi = int(idx.min()), int(idx.max())  # one host sync, here and only here
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"TopKGates indices must be in [0, {num_experts}); got values from {lo} to {hi}")
+        if idx.shape[-1] > 1:
+            s = idx.sort(dim=-1).values
+            dup = (s[..., 1:] == s[..., :-1]).any(dim=-1)
+            if bool(dup.any()):
+                where = tuple(int(v) for v in dup.nonzero()[0])
+                raise ValueError(f"TopKGates indices repeat an expert within a token (first at token {where}: "
+                                 f"{idx[where].tolist()}); each token's k experts must be distinct")
+        self.validated = True
+
+    def to_dense(self, num_experts: int) -> Tensor:
+        """Dense gates [..., E] (differentiable in weights): the reference semantics."""
+        dense = self.weights.new_zeros(*self.weights.shape[:-1], num_experts)
+        return dense.scatter(-1, self.indices, self.weights)
+
+    def __repr__(self):
+        return f"TopKGates(indices={tuple(self.indices.shape)}, weights={tuple(self.weights.shape)})"
+
+
+class RoutingMeta(NamedTuple):
+    """Device-side routing metadata of one batch (see the module docstring). P = T * k pairs, G = E * k groups."""
+    sorted_pairs: Tensor  # [P] int32: pair ids in group order
+    group_start: Tensor  # [G + 1] int32: offsets of each group in sorted_pairs (last = P)
+    block_group: Tensor  # [MAXB] int32: group of each block, -1 past the last block
+    block_start: Tensor  # [MAXB] int32: first position (in sorted_pairs) of each block
+    block_m: int
+    num_experts: int
+    k: int
+
+
+def build_routing_metadata(indices: Tensor, num_experts: int, block_m: int) -> RoutingMeta:
+    """indices [T, k] int64 (valid) -> RoutingMeta, with torch ops on indices' device and no host sync."""
+    T, k = indices.shape
+    P, G = T * k, num_experts * k
+    dev = indices.device
+    slot = torch.arange(k, device=dev).repeat(T)
+    group = indices.reshape(-1) * k + slot  # [P]
+    order = torch.sort(group, stable=True).indices  # pairs sorted by (expert, slot), token order inside
+    counts = torch.zeros(G, dtype=torch.int64, device=dev).scatter_add_(0, group, torch.ones_like(group))
+    group_start = torch.zeros(G + 1, dtype=torch.int64, device=dev)
+    group_start[1:] = torch.cumsum(counts, 0)
+    blocks = (counts + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)  # [G]
+    max_blocks = -(-P // block_m) + G
+    j = torch.arange(max_blocks, device=dev)
+    g_of_j = torch.searchsorted(block_end, j, right=True)  # [MAXB], == G past the last block
+    valid = g_of_j < G
+    g_safe = g_of_j.clamp(max=G - 1)
+    local = j - (block_end[g_safe] - blocks[g_safe])
+    block_start = group_start[g_safe] + local * block_m
+    return RoutingMeta(order.to(torch.int32), group_start.to(torch.int32),
+                       torch.where(valid, g_safe, -1).to(torch.int32), block_start.to(torch.int32),
+                       block_m, num_experts, k)

@@ -1,0 +1,203 @@
+"""Top-k routing: TopKGates, routing metadata, grouped Triton kernels (interpreter on CPU) against the torch
+reference (dense gates with zeros off the top-k), the top-k router with capacity, layers, validation."""
+import pytest
+import torch
+
+import personafuse_kernels as pfk
+from personafuse_kernels.dispatch import prefer_grouped
+from personafuse_kernels.routing.topk import build_routing_metadata
+
+from conftest import HAS_CUDA, assert_close
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TRITON = "triton" in pfk.available_backends()
+needs_triton = pytest.mark.skipif(not TRITON, reason="triton backend unavailable")
+
+
+def routing(T, E, k, pattern, gen):
+    """indices [T, k] with k distinct experts per token, drawn by pattern."""
+    if pattern == "uniform":
+        scores = torch.rand(T, E, generator=gen)
+    elif pattern == "skewed":  # a few hot experts
+        scores = torch.rand(T, E, generator=gen) * torch.linspace(4.0, 0.1, E)
+    elif pattern == "zipf":
+        ranks = torch.arange(1, E + 1, dtype=torch.float32)
+        scores = torch.rand(T, E, generator=gen).log() / (1.0 / ranks)  # Gumbel-ish top-k of a zipf law
+        scores = -scores.abs().reciprocal()
+    elif pattern == "all_to_one":  # every token's first choice is expert E-1; experts 0.. get little or nothing
+        scores = torch.rand(T, E, generator=gen)
+        scores[:, E - 1] = 10.0
+    elif pattern == "empty_experts":  # only the first k+1 experts are ever used
+        scores = torch.rand(T, E, generator=gen)
+        scores[:, k + 1 :] = -1.0
+    else:
+        raise ValueError(pattern)
+    return scores.topk(k, dim=-1).indices
+
+
+def inputs(T, K, N, E, r, k, pattern, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(DEVICE, dtype)  # noqa: E731
+    ins = {"x": t(T, K), "weight": t(N, K, scale=K**-0.5), "bias": t(N), "lora_A": t(E, r, K, scale=K**-0.5),
+           "lora_B": t(E, N, r, scale=r**-0.5), "weights": torch.rand(T, k, generator=gen).to(DEVICE)}
+    for v in ins.values():
+        v.requires_grad_(True)
+    return ins, routing(T, E, k, pattern, gen).to(DEVICE)
+
+
+def run(ins, idx, backend, dropout_p=0.0, scaling=None, dense=False, seed=5):
+    E = ins["lora_A"].shape[0]
+    gates = pfk.TopKGates(idx, ins["weights"])
+    if dense:
+        gates = gates.to_dense(E)
+    torch.manual_seed(seed)
+    y = pfk.routed_lora(ins["x"], ins["weight"], ins["bias"], ins["lora_A"], ins["lora_B"], gates,
+                        scaling=scaling if scaling is not None else torch.linspace(0.5, 2.0, E, device=DEVICE),
+                        dropout_p=dropout_p, backend=backend)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE, y.dtype)
+    grads = torch.autograd.grad(y, [ins[k] for k in ("x", "weight", "bias", "lora_A", "lora_B", "weights")], dy)
+    return [y.detach(), *grads]
+
+
+NAMES = ["y", "dx", "dweight", "dbias", "dA", "dB", "dweights"]
+
+
+def test_torch_topk_equals_dense_gates_with_zeros():
+    ins, idx = inputs(7, 33, 45, 6, 4, 2, "uniform")
+    for a, b, n in zip(run(ins, idx, "torch"), run(ins, idx, "torch", dense=True), NAMES):
+        assert_close(a, b, 1e-6, n)
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", ["uniform", "skewed", "zipf", "all_to_one", "empty_experts"])
+@pytest.mark.parametrize("T,K,N,E,r,k", [(133, 33, 45, 16, 4, 2), (7, 45, 33, 8, 16, 1), (1, 33, 45, 10, 16, 4)])
+def test_grouped_triton_matches_reference(monkeypatch, pattern, T, K, N, E, r, k):
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    ins, idx = inputs(T, K, N, E, r, k, pattern)
+    for a, b, n in zip(run(ins, idx, "triton"), run(ins, idx, "torch"), NAMES):
+        assert_close(a, b, 2e-5, n)
+
+
+@needs_triton
+@pytest.mark.parametrize("E,r,k", [(128, 4, 2), (64, 1, 4), (32, 16, 1)])
+def test_many_experts_and_dropout(monkeypatch, E, r, k):
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    ins, idx = inputs(70, 48, 40, E, r, k, "zipf", seed=E)
+    for a, b, n in zip(run(ins, idx, "triton", dropout_p=0.25), run(ins, idx, "torch", dropout_p=0.25), NAMES):
+        assert_close(a, b, 2e-5, n)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_low_precision_within_3x_of_torch(monkeypatch, dtype):
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        pytest.skip("Triton's interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest), "
+                    "which the grouped path's k+1 roundings of y amplify; bfloat16 is checked on a GPU")
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    ins, idx = inputs(64, 64, 48, 16, 16, 2, "uniform", dtype=dtype)
+    got = run(ins, idx, "triton")
+    ins64 = {k: v.detach().double().requires_grad_(True) for k, v in ins.items()}
+    ref = run(ins64, idx, "torch")
+    lp = run({k: v.detach().clone().requires_grad_(True) for k, v in ins.items()}, idx, "torch")
+    from conftest import rel_err
+
+    for a, b, c, n in zip(got, ref, lp, NAMES):
+        assert rel_err(a, b) <= 3 * rel_err(c, b) + 1e-4, n
+
+
+def test_routing_metadata_covers_every_pair_once():
+    gen = torch.Generator().manual_seed(0)
+    T, E, k, bm = 37, 8, 2, 4
+    idx = routing(T, E, k, "skewed", gen)
+    meta = build_routing_metadata(idx, E, bm)
+    assert meta.block_group.shape[0] == -(-T * k // bm) + E * k  # static size
+    group = (idx.reshape(-1) * k + torch.arange(k).repeat(T))[meta.sorted_pairs.long()]
+    assert torch.equal(group, group.sort().values), "pairs sorted by (expert, slot)"
+    seen = []
+    for g, start in zip(meta.block_group.tolist(), meta.block_start.tolist()):
+        if g < 0:
+            continue
+        end = min(start + bm, int(meta.group_start[g + 1]))
+        pos = range(start, end)
+        assert all(int(group[p]) == g for p in pos)
+        seen += list(pos)
+    assert sorted(seen) == list(range(T * k))
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: (torch.tensor([[0, 9]]), torch.rand(1, 2)), ValueError, r"must be in \[0, 8\)"),
+    (lambda: (torch.tensor([[-1, 2]]), torch.rand(1, 2)), ValueError, r"must be in \[0, 8\)"),
+    (lambda: (torch.tensor([[3, 3]]), torch.rand(1, 2)), ValueError, r"repeat an expert"),
+    (lambda: (torch.tensor([[1, 2]], dtype=torch.int32), torch.rand(1, 2)), TypeError, r"int64"),
+    (lambda: (torch.tensor([[1, 2]]), torch.tensor([[1, 0]])), TypeError, r"floating"),
+    (lambda: (torch.tensor([[1, 2]]), torch.rand(1, 3)), ValueError, r"share a shape"),
+    (lambda: (torch.tensor([[1, 2], [3, 4]]), torch.rand(2, 2)), ValueError, r"per token"),
+])
+def test_invalid_topk_gates_raise_before_any_kernel(make, exc, match):
+    idx, w = make()
+    x, W = torch.randn(1, 5), torch.randn(4, 5)
+    with pytest.raises(exc, match=match):
+        pfk.routed_lora(x, W, None, torch.randn(8, 2, 5), torch.randn(8, 4, 2), pfk.TopKGates(idx, w))
+
+
+def test_auto_rule_dense_for_personafuse_grouped_for_many_experts(monkeypatch):
+    assert not prefer_grouped(10, 16, 2)  # PersonaFuse: dense stacked path
+    assert prefer_grouped(64, 16, 2) and prefer_grouped(128, 16, 2)
+    from personafuse_kernels.dispatch import resolve_topk_backend
+
+    monkeypatch.delenv("PERSONAFUSE_TOPK_PATH", raising=False)
+    assert resolve_topk_backend("triton", 10, 16, 2) is None and resolve_topk_backend("triton", 64, 16, 2) == "triton"
+    assert resolve_topk_backend("cuda", 64, 16, 2) is None  # no grouped CUDA kernels yet: dense path
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "sideways")
+    with pytest.raises(ValueError, match="PERSONAFUSE_TOPK_PATH"):
+        resolve_topk_backend("triton", 64, 16, 2)
+
+
+def test_topk_router_weights_losses_and_gradients():
+    router = pfk.TokenRouter(12, 8, top_k=2)
+    x = torch.randn(3, 5, 12)
+    out = router(x)
+    assert isinstance(out.gates, pfk.TopKGates) and out.gates.indices.shape == (3, 5, 2)
+    assert_close(out.gates.weights.sum(-1), torch.ones(3, 5), 1e-6)
+    probs = torch.softmax(router.proj(x).float(), -1)
+    assert torch.equal(out.gates.indices, probs.topk(2, -1).indices)
+    assert out.dropped is None and float(out.load_balancing_loss.detach()) > 0
+    (out.gates.weights[..., 0].sum() + out.z_loss).backward()
+    assert router.proj.weight.grad.abs().sum() > 0, "gradients reach the router logits through the weights"
+
+
+def test_capacity_factor_drops_and_counts():
+    router = pfk.TokenRouter(4, 4, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        router.proj.weight.zero_()
+        router.proj.bias.copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))  # everyone wants expert 0
+    out = router(torch.randn(8, 4))
+    # capacity = ceil(1.0 * 8 * 1 / 4) = 2: two tokens kept, six dropped (weight 0), and the count says so
+    assert int(out.dropped) == 6
+    assert int((out.gates.weights > 0).sum()) == 2
+
+
+def test_layer_with_topk_router_trains(monkeypatch):
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    layer = pfk.RoutedLoRALinear.from_linear(torch.nn.Linear(24, 20), num_experts=8, rank=4, router="token", top_k=2)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(2, 5, 24)
+    y = layer(x)
+    gates = layer.router_output.gates
+    dense = pfk.routed_lora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, gates.to_dense(8),
+                            scaling=layer.scaling)
+    assert_close(y, dense, 1e-6)
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.router.proj.weight.grad.abs().sum() > 0
+    assert "top_k=2" in repr(layer)
+
+
+def test_compile_fullgraph_with_topk_router(monkeypatch):
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    torch._dynamo.reset()
+    layer = pfk.RoutedLoRALinear.from_linear(torch.nn.Linear(16, 12), num_experts=8, rank=2, top_k=2)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(6, 16)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    assert_close(compiled, eager, 1e-5)
