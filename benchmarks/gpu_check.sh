@@ -60,9 +60,15 @@ bench_rc=$?
 "$PY" benchmarks/bench_routed_lora.py --providers base,stacked,compile --shapes "4096,4096,4096,10,16;16,4096,4096,10,16" --no-progress --no-plot \
     --out "$OUT_DIR/bench_compile" > "$OUT_DIR/bench_compile.log" 2>&1
 
+# top-k: T = 8192, 4096x4096, r = 16, top-2, E = 8, 16, 32, 64, 128
+"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton --shapes topk --modes fwd,fwdbwd \
+    --no-progress --no-plot --out "$OUT_DIR/bench_topk" > "$OUT_DIR/bench_topk.log" 2>&1
+
 # the device tool returns at most 8 files: keep the logs, pack the row folders into one archive
-tar czf "$OUT_DIR/rows.tar.gz" -C "$OUT_DIR" bench bench_compile 2>/dev/null && rm -rf "$OUT_DIR/bench" "$OUT_DIR/bench_compile"
+tar czf "$OUT_DIR/rows.tar.gz" -C "$OUT_DIR" bench bench_compile bench_topk 2>/dev/null \
+  && rm -rf "$OUT_DIR/bench" "$OUT_DIR/bench_compile" "$OUT_DIR/bench_topk"
 echo "== summary: tests rc=$test_rc memcheck=$memcheck_rc bench rc=$bench_rc"
 grep -A60 "base in ms" "$OUT_DIR/bench.log" | head -60
 grep -A10 "base in ms" "$OUT_DIR/bench_compile.log" | head -10
+grep -A14 "base in ms" "$OUT_DIR/bench_topk.log" | head -14
 [ "$test_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -158,7 +158,6 @@ def cmd_bench(args) -> int:
           f"{facts.get('commit')} | {str(dtype).replace('torch.', '')}")
     print("base in ms; every other provider as its ratio to base (its time over base's), measured in the same run")
     print(kb.format_table(rows))
-    print("top-k routing rows (E up to 128): not available yet (dense gates only)")
     if args.e2e:
         from .bench.e2e import format_e2e, run_e2e
 
@@ -199,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
     b.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma-separated: fwd, bwd, fwdbwd")
     b.add_argument("--shapes", default=None,
-                   help="preset (quick, issue, decode, prefill, llama8b) or T,K,N,E,r tuples separated by ';'")
+                   help="preset (quick, issue, decode, prefill, llama8b, topk) or T,K,N,E,r[,k] tuples separated "
+                        "by ';' (k: top-k gates)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     b.add_argument("--device", default=None, choices=["cpu", "cuda"])
     b.add_argument("--e2e", action="store_true", help="also time a Llama-style training step against the loop")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .providers import PROVIDERS, make_provider, unavailable
+from ..routing.topk import TopKGates
+from .providers import OUR_BACKENDS, PROVIDERS, make_provider, unavailable
 
 MODES = ("fwd", "bwd", "fwdbwd")
 ROTATIONS = 3
@@ -38,14 +39,22 @@ class Shape:
     E: int
     r: int
     name: str = ""
+    top_k: int = 0  # 0: dense gates; k: TopKGates for our backends, the same gates densified for the others
 
     def label(self) -> str:
-        return f"{self.name + ' ' if self.name else ''}T={self.T} {self.K}x{self.N} E={self.E} r={self.r}"
+        top = f" top-{self.top_k}" if self.top_k else ""
+        return f"{self.name + ' ' if self.name else ''}T={self.T} {self.K}x{self.N} E={self.E} r={self.r}{top}"
+
+    def active(self) -> int:
+        """Experts each token really uses (the useful LoRA work)."""
+        return self.top_k or self.E
 
 
 def preset_shapes(preset: str) -> list[Shape]:
     """'decode' / 'prefill' / 'llama8b' (both) on the Llama-3.1-8B projections, 'issue' (the target table),
-    'quick' (small CPU shapes)."""
+    'topk' (T = 8192, 4096x4096, r = 16, top-2, E = 8..128), 'quick' (small CPU shapes)."""
+    if preset == "topk":
+        return [Shape(8192, 4096, 4096, E, 16, "q/o_proj", top_k=2) for E in (8, 16, 32, 64, 128)]
     if preset == "quick":
         return [Shape(1, 256, 256, E_PF, R_PF, "tiny"), Shape(128, 256, 512, E_PF, R_PF, "tiny")]
     if preset == "issue":
@@ -53,18 +62,19 @@ def preset_shapes(preset: str) -> list[Shape]:
             Shape(8192, 4096, 14336, E_PF, R_PF, "gate/up_proj"), Shape(8192, 14336, 4096, E_PF, R_PF, "down_proj")]
     ts = {"decode": DECODE_T, "prefill": PREFILL_T, "llama8b": DECODE_T + PREFILL_T}.get(preset)
     if ts is None:
-        raise ValueError(f"unknown shape preset {preset!r}; choose from quick, issue, decode, prefill, llama8b")
+        raise ValueError(f"unknown shape preset {preset!r}; choose from quick, issue, decode, prefill, llama8b, topk")
     return [Shape(T, K, N, E_PF, R_PF, name) for T in ts for name, (K, N) in LLAMA8B_PROJECTIONS.items()]
 
 
 def parse_shapes(text: str) -> list[Shape]:
-    """'T,K,N,E,r;T,K,N,E,r' -> shapes."""
+    """'T,K,N,E,r;T,K,N,E,r,k' -> shapes (an optional sixth value k asks for top-k gates)."""
     shapes = []
     for part in text.split(";"):
         values = [int(v) for v in part.split(",")]
-        if len(values) != 5 or min(values) < 1:
-            raise ValueError(f"a shape is T,K,N,E,r (all >= 1), got {part!r}")
-        shapes.append(Shape(*values))
+        if len(values) not in (5, 6) or min(values) < 1 or (len(values) == 6 and values[5] > values[3]):
+            raise ValueError(f"a shape is T,K,N,E,r or T,K,N,E,r,k (all >= 1, k <= E), got {part!r}")
+        T, K, N, E, r = values[:5]
+        shapes.append(Shape(T, K, N, E, r, top_k=values[5] if len(values) == 6 else 0))
     return shapes
 
 
@@ -72,7 +82,7 @@ def flops(mode: str, s: Shape, provider: str) -> float:
     base = {"fwd": 2, "bwd": 2, "fwdbwd": 4}[mode] * s.T * s.K * s.N
     if provider == "base":
         return base
-    return base + {"fwd": 2, "bwd": 4, "fwdbwd": 6}[mode] * s.T * s.E * s.r * (s.K + s.N)
+    return base + {"fwd": 2, "bwd": 4, "fwdbwd": 6}[mode] * s.T * s.active() * s.r * (s.K + s.N)
 
 
 def median_ms(fn, device: str, grad_to_none=None) -> float:
@@ -119,9 +129,22 @@ def _inputs(s: Shape, device: str, dtype: torch.dtype, grads: bool):
     b = torch.randn(s.N, **g)
     A = (torch.randn(s.E, s.r, s.K, **g) / s.K**0.5).requires_grad_(grads)
     B = (torch.randn(s.E, s.N, s.r, **g) / s.r**0.5).requires_grad_(grads)
-    sets = [(torch.randn(s.T, s.K, **g).requires_grad_(grads),
-             torch.softmax(torch.randn(s.T, s.E, device=device), -1).requires_grad_(grads)) for _ in range(ROTATIONS)]
+    sets = []
+    for _ in range(ROTATIONS):
+        x = torch.randn(s.T, s.K, **g).requires_grad_(grads)
+        probs = torch.softmax(torch.randn(s.T, s.E, device=device), -1)
+        if s.top_k:
+            top = probs.topk(s.top_k, dim=-1)
+            gates = TopKGates(top.indices, (top.values / top.values.sum(-1, keepdim=True)).requires_grad_(grads),
+                              validate=False)
+        else:
+            gates = probs.requires_grad_(grads)
+        sets.append((x, gates))
     return W, b, A, B, sets
+
+
+def _leaf(gates):
+    return gates.weights if isinstance(gates, TopKGates) else gates
 
 
 def bench_case(s: Shape, mode: str, providers: list[str], device: str, dtype: torch.dtype, progress=None):
@@ -136,7 +159,7 @@ def bench_case(s: Shape, mode: str, providers: list[str], device: str, dtype: to
         if progress is not None:
             progress.set_postfix_str(f"{name} {mode} {s.label()}")
         row = {"provider": name, "mode": mode, "shape": s.name, "T": s.T, "K": s.K, "N": s.N, "E": s.E, "r": s.r,
-               "dtype": str(dtype).replace("torch.", "")}
+               "top_k": s.top_k, "dtype": str(dtype).replace("torch.", "")}
         why = unavailable(name, device)
         if why:
             row["error"] = why
@@ -156,7 +179,10 @@ def bench_case(s: Shape, mode: str, providers: list[str], device: str, dtype: to
 
 def _time_provider(name, mode, s, device, W, b, A, B, sets, scale, dy):
     fwd = make_provider(name)
-    leaves = [A, B] + [t for pair in sets for t in pair] if mode != "fwd" else []
+    if s.top_k and name not in OUR_BACKENDS:  # what they would compute: dense gates, zeros off the top-k
+        fwd_dense = fwd
+        fwd = lambda x, W, b, A, B, g, sc: fwd_dense(x, W, b, A, B, g.to_dense(s.E), sc)  # noqa: E731
+    leaves = [A, B] + [t for x, g in sets for t in (x, _leaf(g))] if mode != "fwd" else []
     step = iter(range(1 << 62))
 
     def next_inputs():
@@ -224,18 +250,16 @@ def save_rows(rows: list[dict], out: Path, stem: str = "rows") -> list[Path]:
 def format_table(rows: list[dict]) -> str:
     """Base in ms; every other provider as its ratio to base in the same run ('n/a' where it cannot run)."""
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    head = f"{'shape':<34}{'mode':<8}" + "".join(f"{p:>10}" for p in providers)
+    head = f"{'shape':<40}{'mode':<8}" + "".join(f"{p:>10}" for p in providers)
     lines = [head, "-" * len(head)]
     seen = []
     for r in rows:
-        key = (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"], r["mode"])
-        if key not in seen:
-            seen.append(key)
+        if row_key(r) not in seen:
+            seen.append(row_key(r))
     for key in seen:
         cells = []
         for p in providers:
-            match = [r for r in rows if (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"], r["mode"]) == key
-                     and r["provider"] == p]
+            match = [r for r in rows if row_key(r) == key and r["provider"] == p]
             if not match:
                 cells.append("")
             elif "error" in match[0]:
@@ -244,6 +268,10 @@ def format_table(rows: list[dict]) -> str:
                 cells.append(f"{match[0]['ms']:.3f}ms")
             else:
                 cells.append(f"{match[0]['ratio_to_base']:.2f}x")
-        label = Shape(*key[1:6], key[0]).label()
-        lines.append(f"{label:<34}{key[6]:<8}" + "".join(f"{c:>10}" for c in cells))
+        lines.append(f"{key[0].label():<40}{key[1]:<8}" + "".join(f"{c:>10}" for c in cells))
     return "\n".join(lines)
+
+
+def row_key(r: dict) -> tuple:
+    """(Shape, mode) of a saved row."""
+    return Shape(r["T"], r["K"], r["N"], r["E"], r["r"], r.get("shape", ""), r.get("top_k", 0)), r["mode"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .kernel_bench import Shape
+from .kernel_bench import row_key
 
 
 def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None:
@@ -20,16 +20,15 @@ def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None
         return None
     keys = []
     for r in rows:
-        key = (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"])
-        if key not in keys:
-            keys.append(key)
+        if row_key(r)[0] not in keys:
+            keys.append(row_key(r)[0])
     providers = [p for p in ("loop", "stacked", "compile", "torch", "triton", "cuda")
                  if any(r["provider"] == p for r in rows)]
     ours = [p for p in providers if p in ("torch", "triton", "cuda")]
 
     def value(key, provider, field):
         for r in rows:
-            if (r.get("shape", ""), r["T"], r["K"], r["N"], r["E"], r["r"]) == key and r["provider"] == provider:
+            if row_key(r)[0] == key and r["provider"] == provider:
                 return r.get(field)
         return None
 
@@ -51,7 +50,7 @@ def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None
     ax2.axhline(1.0, color="black", linewidth=0.8)
     ax2.set_ylabel("speed-up over the per-expert loop")
     ax2.set_title(f"{mode}: speed-up over the loop")
-    labels = [Shape(*k[1:], k[0]).label().replace(" E=", "\nE=") for k in keys]
+    labels = [k.label().replace(" E=", "\nE=") for k in keys]
     for ax, n in ((ax1, len(providers)), (ax2, len(ours))):
         ax.set_xticks([x + 0.4 - 0.4 / max(n, 1) for x in xs])
         ax.set_xticklabels(labels, fontsize=7, rotation=20, ha="right")
