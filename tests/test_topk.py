@@ -201,3 +201,27 @@ def test_compile_fullgraph_with_topk_router(monkeypatch):
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)(x)
     assert_close(compiled, eager, 1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("T,K,E,k,temp", [(1, 33, 8, 2, 1.0), (133, 45, 64, 4, 0.7), (7, 16, 128, 1, 2.0)])
+def test_fused_router_kernel_matches_torch_router(T, K, E, k, temp):
+    """Forward (indices, weights, aux losses) and every gradient (x, W_r, b) of the fused router vs torch."""
+    torch.manual_seed(T)
+    x = torch.randn(T, K, device=DEVICE, requires_grad=True)
+    outs = {}
+    for fused in (False, True):
+        router = pfk.TokenRouter(K, E, temperature=temp, top_k=k, fused=fused).to(DEVICE)
+        with torch.no_grad():
+            router.proj.weight.copy_(torch.randn(E, K, generator=torch.Generator().manual_seed(1)))
+            router.proj.bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(2)))
+        x.grad = None
+        out = router(x)
+        g = out.gates
+        loss = (g.weights * torch.arange(1.0, k + 1, device=DEVICE)).sum() + out.load_balancing_loss + out.z_loss
+        loss.backward()
+        outs[fused] = (g.indices, g.weights.detach(), out.load_balancing_loss.detach(), out.z_loss.detach(),
+                       x.grad.clone(), router.proj.weight.grad.clone(), router.proj.bias.grad.clone())
+    assert torch.equal(outs[True][0], outs[False][0]), "same experts chosen"
+    for a, b, n in zip(outs[True][1:], outs[False][1:], ["weights", "lb", "z", "dx", "dW", "db"]):
+        assert_close(a, b, 1e-5, n)

@@ -58,7 +58,7 @@ class TokenRouter(nn.Module):
     each expert's capacity and reports how many in RouterOutput.dropped. Returns RouterOutput."""
 
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 capacity_factor: Optional[float] = None, device=None, dtype=None):
+                 capacity_factor: Optional[float] = None, fused: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -70,23 +70,41 @@ class TokenRouter(nn.Module):
         self.temperature = float(temperature)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        self.fused = fused  # top-k: the fused Triton router kernel (None: on CUDA tensors when Triton runs there)
         self.proj = nn.Linear(in_features, num_experts, bias=True, device=device, dtype=dtype)
 
+    def _use_fused(self, x: Tensor) -> bool:
+        if self.top_k is None or self.fused is False or torch.compiler.is_compiling():
+            return False
+        if self.fused:
+            return True
+        from ..dispatch import available_backends
+
+        return x.is_cuda and "triton" in available_backends() and self.top_k <= 8
+
     def forward(self, x: Tensor) -> RouterOutput:
-        logits = self.proj(x).float() / self.temperature  # [..., E]
-        probs = torch.softmax(logits, dim=-1)
-        flat_probs = probs.reshape(-1, self.num_experts)
-        z = router_z_loss(logits.reshape(-1, self.num_experts))
-        if self.top_k is None:
-            return RouterOutput(probs, switch_load_balancing_loss(flat_probs), z)
-        top = flat_probs.topk(self.top_k, dim=-1)
-        weights = top.values / top.values.sum(-1, keepdim=True)
+        E = self.num_experts
+        lead = x.shape[:-1]
+        if self._use_fused(x):
+            from ..ops.router_triton import TopKRouterFunction
+
+            probs, lse, indices, weights = TopKRouterFunction.apply(
+                x.reshape(-1, x.shape[-1]).contiguous(), self.proj.weight, self.proj.bias, self.temperature, self.top_k)
+            z = lse.pow(2).mean()
+            flat_probs = probs
+        else:
+            logits = self.proj(x).float() / self.temperature  # [..., E]
+            flat_probs = torch.softmax(logits, dim=-1).reshape(-1, E)
+            z = router_z_loss(logits.reshape(-1, E))
+            if self.top_k is None:
+                return RouterOutput(flat_probs.view(*lead, E), switch_load_balancing_loss(flat_probs), z)
+            top = flat_probs.topk(self.top_k, dim=-1)
+            indices, weights = top.indices, top.values / top.values.sum(-1, keepdim=True)
         dropped = None
         if self.capacity_factor is not None:
-            weights, dropped = apply_capacity(top.indices, weights, self.num_experts, self.capacity_factor)
-        lead = probs.shape[:-1]
-        gates = TopKGates(top.indices.view(*lead, self.top_k), weights.view(*lead, self.top_k), validate=False)
-        return RouterOutput(gates, switch_load_balancing_loss(flat_probs, top.indices), z, dropped)
+            weights, dropped = apply_capacity(indices, weights, E, self.capacity_factor)
+        gates = TopKGates(indices.view(*lead, self.top_k), weights.view(*lead, self.top_k), validate=False)
+        return RouterOutput(gates, switch_load_balancing_loss(flat_probs, indices), z, dropped)
 
 
 class SequenceRouter(nn.Module):

@@ -1,0 +1,116 @@
+"""Fused top-k router: one Triton kernel for logits = (x W_r^T + b) / temperature, float32 softmax, log-sum-exp,
+top-k and renormalization; the backward written out in torch ops (TopKRouterFunction). Reference: the
+unfused path of routing/routers.py TokenRouter (torch.softmax + torch.topk), which tests hold it to.
+
+    x [T, K], W_r [E, K], b [E] -> probs [T, E] fp32, lse [T] fp32, indices [T, k] int64, weights [T, k] fp32
+Backward, with S_t = sum_j probs[t, i_j] (so weights = probs[i] / S):
+    dprobs[t, i_j] += dw_j / S - sum_l dw_l w_l / S
+    dlogits = probs * (dprobs - <dprobs, probs>) + dlse * probs,   then / temperature
+    dx = dlogits W_r,  dW_r = dlogits^T x,  db = sum_t dlogits
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .routed_lora_triton import _dot_args, _pow2, triton_cdiv
+from .triton_kernels import _mma
+
+
+@triton.jit
+def _select_top(work, offs_e, BLOCK_E: tl.constexpr):
+    """(value, index) of each row's largest entry, the lowest index among ties."""
+    best = tl.max(work, axis=1)
+    arg = tl.min(tl.where(work == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+    return best, arg
+
+
+@triton.jit
+def _topk_router_fwd_kernel(
+    X, W, B, PROBS, LSE, IDX, WTS, T, K, E, inv_temp,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_ok = offs_m < T
+    e_ok = offs_e < E
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(X + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(W + offs_e[None, :] * K + offs_k[:, None], mask=k_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
+    bias = tl.load(B + offs_e, mask=e_ok, other=0.0).to(tl.float32)
+    logits = tl.where(e_ok[None, :], (acc + bias[None, :]) * inv_temp, float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    p = tl.exp(logits - row_max[:, None])
+    total = tl.sum(p, axis=1)
+    probs = p / total[:, None]
+    tl.store(PROBS + offs_m[:, None] * E + offs_e[None, :], probs, mask=m_ok[:, None] & e_ok[None, :])
+    tl.store(LSE + offs_m, row_max + tl.log(total), mask=m_ok)
+    # top-k by repeated selection (k <= 8), twice: once for the sum, once to store the renormalized weights
+    work = tl.where(e_ok[None, :], probs, -1.0)
+    picked = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for _ in tl.static_range(TOP_K):
+        best, arg = _select_top(work, offs_e, BLOCK_E)
+        picked += best
+        work = tl.where(offs_e[None, :] == arg[:, None], -1.0, work)
+    work = tl.where(e_ok[None, :], probs, -1.0)
+    for j in tl.static_range(TOP_K):
+        best, arg = _select_top(work, offs_e, BLOCK_E)
+        tl.store(IDX + offs_m * TOP_K + j, arg.to(tl.int64), mask=m_ok)
+        tl.store(WTS + offs_m * TOP_K + j, best / picked, mask=m_ok)
+        work = tl.where(offs_e[None, :] == arg[:, None], -1.0, work)
+
+
+def topk_router_forward(x, weight, bias, temperature: float, top_k: int):
+    """(probs [T, E], lse [T], indices [T, k], weights [T, k]); x [T, K], weight [E, K], bias [E]."""
+    T, K = x.shape
+    E = weight.shape[0]
+    if top_k > 8:
+        raise ValueError(f"the fused router supports top_k <= 8, got {top_k}")
+    probs = torch.empty(T, E, dtype=torch.float32, device=x.device)
+    lse = torch.empty(T, dtype=torch.float32, device=x.device)
+    idx = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+    wts = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+    if T == 0:
+        return probs, lse, idx, wts
+    block_m = 32
+    _topk_router_fwd_kernel[(triton_cdiv(T, block_m),)](
+        x, weight, bias, probs, lse, idx, wts, T, K, E, 1.0 / temperature, TOP_K=top_k, BLOCK_M=block_m,
+        BLOCK_E=_pow2(E, 16), BLOCK_K=64, **_dot_args(x.dtype), num_warps=4,
+    )
+    return probs, lse, idx, wts
+
+
+class TopKRouterFunction(torch.autograd.Function):
+    """Fused forward, explicit backward (see the module docstring). Returns probs, lse, indices, weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, temperature, top_k):
+        probs, lse, idx, wts = topk_router_forward(x, weight, bias, temperature, top_k)
+        ctx.save_for_backward(x, weight, probs, idx, wts)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(idx)
+        return probs, lse, idx, wts
+
+    @staticmethod
+    def backward(ctx, dprobs, dlse, _didx, dwts):
+        x, weight, probs, idx, wts = ctx.saved_tensors
+        dp = torch.zeros_like(probs) if dprobs is None else dprobs.float().clone()
+        if dwts is not None:
+            picked = probs.gather(1, idx).sum(-1, keepdim=True)  # S_t
+            dwts = dwts.float()
+            dp.scatter_add_(1, idx, (dwts - (dwts * wts).sum(-1, keepdim=True)) / picked)
+        dlogits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+        if dlse is not None:
+            dlogits = dlogits + dlse.float()[:, None] * probs
+        dlogits = (dlogits / ctx.temperature).to(x.dtype)
+        dx = dlogits @ weight if ctx.needs_input_grad[0] else None
+        dW = dlogits.t() @ x if ctx.needs_input_grad[1] else None
+        db = dlogits.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dW, db, None, None
