@@ -38,6 +38,11 @@ def _(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p,
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], E * r)
 
 
+def _grad_like(t, wanted: bool, shape=None):
+    """Fake gradient output: t's shape (or `shape`) when wanted, else an empty tensor (as the backends return)."""
+    return t.new_empty(shape if shape is not None else t.shape) if wanted else t.new_empty(0)
+
+
 def routed_lora_backward_impl(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, scaling: Tensor,
     seed: Tensor, H: Tensor, seq_len: int, dropout_p: float, need_dx: bool, need_dW: bool, need_db: bool,
@@ -56,17 +61,8 @@ routed_lora_backward_op = torch.library.custom_op("personafuse::routed_lora_back
 @routed_lora_backward_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p, need_dx, need_dW, need_db,
       need_dA, need_dB, need_dgates, backend):
-    def grad_like(t, wanted, shape=None):
-        return t.new_empty(shape if shape is not None else t.shape) if wanted else t.new_empty(0)
-
-    return (
-        grad_like(x, need_dx),
-        grad_like(weight, need_dW),
-        grad_like(dy, need_db, (weight.shape[0],)),
-        grad_like(lora_A, need_dA),
-        grad_like(lora_B, need_dB),
-        grad_like(gates, need_dgates),
-    )
+    return (_grad_like(x, need_dx), _grad_like(weight, need_dW), _grad_like(dy, need_db, (weight.shape[0],)),
+            _grad_like(lora_A, need_dA), _grad_like(lora_B, need_dB), _grad_like(gates, need_dgates))
 
 
 def _compiling() -> bool:
@@ -172,11 +168,8 @@ routed_lora_topk_backward_op = torch.library.custom_op("personafuse::routed_lora
 def _(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, sorted_pairs, group_start,
       block_group, block_start, block_m, dropout_p, need_dx, need_dW, need_db, need_dA, need_dB, need_dweights,
       backend):
-    def grad_like(t, wanted, shape=None):
-        return t.new_empty(shape if shape is not None else t.shape) if wanted else t.new_empty(0)
-
-    return (grad_like(x, need_dx), grad_like(weight, need_dW), grad_like(dy, need_db, (weight.shape[0],)),
-            grad_like(lora_A, need_dA), grad_like(lora_B, need_dB), grad_like(weights, need_dweights))
+    return (_grad_like(x, need_dx), _grad_like(weight, need_dW), _grad_like(dy, need_db, (weight.shape[0],)),
+            _grad_like(lora_A, need_dA), _grad_like(lora_B, need_dB), _grad_like(weights, need_dweights))
 
 
 class RoutedLoRATopKFunction(torch.autograd.Function):

@@ -65,3 +65,22 @@ def test_compile_fullgraph_with_dropout_runs():
     x = torch.randn(3, 24)
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_topk_custom_ops_pass_opcheck():
+    from personafuse_kernels.routing.topk import build_routing_metadata
+
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    A, B = torch.randn(4, 3, 8), torch.randn(4, 5, 3)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3]])
+    wts = torch.rand(6, 2)
+    s = torch.ones(4)
+    seed = torch.empty(0, dtype=torch.int64)
+    meta = build_routing_metadata(idx, 4, 16)
+    tensors = (meta.sorted_pairs, meta.group_start, meta.block_group, meta.block_start)
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_forward,
+                          (x, w, None, A, B, idx, wts, s, seed, *tensors, 16, 0.0, "torch"))
+    saved = torch.randn(6, 12)
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_backward,
+                          (torch.randn(6, 5), x, w, A, B, idx, wts, s, seed, saved, *tensors, 16, 0.0,
+                           True, False, False, True, True, True, "torch"))
