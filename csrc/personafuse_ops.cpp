@@ -4,6 +4,10 @@
 // same namespace with torch.library.custom_op.
 #include <Python.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -13,6 +17,7 @@
 
 #include "pfk_checks.h"
 #include "pfk_gate.h"
+#include "pfk_lora.h"
 
 namespace personafuse {
 namespace {
@@ -91,17 +96,96 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& dHg,      // 
   return {dH, dgates};
 }
 
+constexpr int64_t kDecodeMaxTokens = 64;
+constexpr int64_t kDecodeMaxWidth = 12288;  // E * r: one Hg row must fit the 48 KiB of shared memory
+
+int64_t round_down8(int64_t v) { return v < 8 ? 8 : v - v % 8; }
+
+// y += LoRA branch for T <= 64 in one launch; returns H [T, E*r] (kept for backward).
+at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
+                        const at::Tensor& x,         // [T, K]
+                        const at::Tensor& lora_A,    // [E, r, K]
+                        const at::Tensor& lora_B,    // [E, N, r]
+                        const at::Tensor& gates,     // [T / seq_len, E] float32
+                        const at::Tensor& scaling,   // [E] float32
+                        int64_t seq_len) {
+  using Ptrs = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : Ptrs{&y, &x, &lora_A, &lora_B, &gates, &scaling}) {
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "lora_decode_: every tensor must be a contiguous CUDA tensor");
+  }
+  PFK_CHECK_DIM(x, 2);
+  PFK_CHECK_DIM(y, 2);
+  PFK_CHECK_DIM(lora_A, 3);
+  PFK_CHECK_DIM(lora_B, 3);
+  const int64_t T = x.size(0), K = x.size(1), N = y.size(1);
+  const int64_t E = lora_A.size(0), r = lora_A.size(1), C = E * r;
+  TORCH_CHECK(T >= 1 && T <= kDecodeMaxTokens, "lora_decode_ is for 1 to ", kDecodeMaxTokens, " tokens, got ", T);
+  TORCH_CHECK(C <= kDecodeMaxWidth, "lora_decode_ needs E * r <= ", kDecodeMaxWidth, ", got ", C);
+  PFK_CHECK_SHAPE(y, T, N);
+  PFK_CHECK_SHAPE(lora_A, E, r, K);
+  PFK_CHECK_SHAPE(lora_B, E, N, r);
+  TORCH_CHECK(seq_len >= 1 && T % seq_len == 0, "seq_len must divide T = ", T, ", got ", seq_len);
+  PFK_CHECK_SHAPE(gates, T / seq_len, E);
+  PFK_CHECK_SHAPE(scaling, E);
+  PFK_CHECK_DTYPE(gates, at::kFloat);
+  PFK_CHECK_DTYPE(scaling, at::kFloat);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
+              "lora_decode_ supports float16 and bfloat16, got ", x.scalar_type());
+  for (const at::Tensor* t : Ptrs{&y, &lora_A, &lora_B}) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lora_decode_: y, lora_A and lora_B must have x's dtype ",
+                x.scalar_type(), ", got ", t->scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  int num_sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()) == cudaSuccess,
+              "cudaDeviceGetAttribute failed");
+  DecodeArgs a{};
+  a.dtype = to_dtype(x, "x");
+  // slices: about one per SM, a multiple of 8 columns, and x's slice [T, k_slice] fp32 within 32 KiB
+  a.k_slice = static_cast<int>(round_down8(std::min<int64_t>((K + num_sms - 1) / num_sms + 7, 8192 / T)));
+  a.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(T, kDecodeMaxWidth / C)));
+  a.smem_bytes = 4 * static_cast<size_t>(std::max<int64_t>(T * a.k_slice, a.rows_per_tile * C));
+  const int64_t num_slices = (K + a.k_slice - 1) / a.k_slice;
+  at::Tensor H = at::empty({T, C}, x.options());
+  at::Tensor partial = at::empty({num_slices, T, C}, gates.options());
+  at::Tensor Hg = at::empty({T, C}, gates.options());
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  a.vectorized = K % 8 == 0 && aligned(lora_A) && aligned(lora_B);
+  a.x = x.data_ptr();
+  a.A = lora_A.data_ptr();
+  a.B = lora_B.data_ptr();
+  a.gates = gates.data_ptr<float>();
+  a.scaling = scaling.data_ptr<float>();
+  a.y = y.data_ptr();
+  a.H = H.data_ptr();
+  a.partial = partial.data_ptr<float>();
+  a.Hg = Hg.data_ptr<float>();
+  a.T = static_cast<int>(T);
+  a.K = static_cast<int>(K);
+  a.N = static_cast<int>(N);
+  a.E = static_cast<int>(E);
+  a.r = static_cast<int>(r);
+  a.seq_len = static_cast<int>(seq_len);
+  a.num_sms = num_sms;
+  const cudaError_t err = launch_lora_decode(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse lora_decode_ launch failed: ", cudaGetErrorString(err));
+  return H;
+}
+
 }  // namespace
 }  // namespace personafuse
 
 TORCH_LIBRARY(personafuse, m) {
   m.def("gate_forward(Tensor H, Tensor gates, Tensor scaling, int seq_len) -> Tensor");
   m.def("gate_backward(Tensor dHg, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
+  m.def("lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
+        "int seq_len) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(personafuse, CUDA, m) {
   m.impl("gate_forward", &personafuse::gate_forward);
   m.impl("gate_backward", &personafuse::gate_backward);
+  m.impl("lora_decode_", &personafuse::lora_decode_);
 }
 
 // A Python module with no functions: importing personafuse_kernels._C loads the library and runs the

@@ -4,10 +4,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace personafuse {
+#include "pfk_common.h"
 
-// Element types the kernels are instantiated for (matches the order of the dispatch in the .cpp).
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace personafuse {
 
 // Hg[t, e*r + j] = H[t, e*r + j] * scaling[e] * gates[t / seq_len, e]
 //   H, Hg:   [T, E*r]   (dtype)

@@ -1,0 +1,216 @@
+// Decode path of the routed LoRA forward (T <= 64 tokens): shrink + gate + expand in ONE cooperative launch,
+// added into the base output y that cuBLAS computed:
+//   H[t, c]  = sum_k x[t, k] A_cat[c, k]                     A_cat = lora_A viewed [C, K], C = E * r
+//   Hg[t, c] = H[t, c] * scaling[e] * gates[t / seq_len, e]  e = c / r
+//   y[t, n] += sum_c Hg[t, c] * B[e, n, j]                   c = e * r + j, lora_B [E, N, r]
+// Bandwidth-bound by design: every byte of A and B is read once from DRAM, with 16-byte vector loads where the
+// rows are 16-byte aligned. Three phases separated by grid-wide barriers (cooperative launch):
+//   1. K is cut into slices; block s computes fp32 partial sums of H over its slice for all (t, c)
+//   2. partials are summed in slice order (deterministic), rounded to H's dtype, gated into Hg (fp32)
+//   3. N is cut into blocks of threads, one output column per thread, all T rows; y is read and written once
+// Only cuda_runtime, cooperative_groups and the fp16/bf16 headers: this file compiles in seconds.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "pfk_lora.h"
+
+namespace cg = cooperative_groups;
+
+namespace personafuse {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerPass = 8;  // tokens accumulated in registers at once
+
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void from_float(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void from_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// 8 consecutive elements as floats: one 16-byte load when VEC, else 8 scalar loads.
+template <typename T, bool VEC>
+__device__ __forceinline__ void load8(const T* p, float out[8]) {
+  if constexpr (VEC) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float(v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = to_float(p[i]);
+  }
+}
+
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kThreads) lora_decode_kernel(
+    const T* __restrict__ x,        // [T, K]
+    const T* __restrict__ A,        // [C, K]
+    const T* __restrict__ B,        // [E, N, r]
+    const float* __restrict__ gates,    // [T / seq_len, E]
+    const float* __restrict__ scaling,  // [E]
+    T* __restrict__ y,              // [T, N], accumulated in place
+    T* __restrict__ H,              // [T, C]
+    float* __restrict__ partial,    // [num_slices, T, C]
+    float* __restrict__ Hg,         // [T, C]
+    int T_, int K, int N, int E, int r, int seq_len, int k_slice, int rows_per_tile) {
+  extern __shared__ float smem[];
+  cg::grid_group grid = cg::this_grid();
+  const int C = E * r;
+  const int num_slices = (K + k_slice - 1) / k_slice;
+
+  // Phase 1: partial H over K-slices. x's slice is staged in shared memory as float [T, k_slice].
+  for (int s = blockIdx.x; s < num_slices; s += gridDim.x) {
+    const int k0 = s * k_slice;
+    const int len = min(k_slice, K - k0);
+    for (int i = threadIdx.x; i < T_ * k_slice; i += blockDim.x) {
+      const int t = i / k_slice, kk = i - t * k_slice;
+      smem[i] = kk < len ? to_float(x[(int64_t)t * K + k0 + kk]) : 0.f;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      const T* a_row = A + (int64_t)c * K + k0;
+      for (int t0 = 0; t0 < T_; t0 += kRowsPerPass) {
+        float acc[kRowsPerPass] = {};
+        int kk = 0;
+        for (; kk + 8 <= len; kk += 8) {
+          float a[8];
+          load8<T, VEC>(a_row + kk, a);
+#pragma unroll
+          for (int tt = 0; tt < kRowsPerPass; ++tt) {
+            if (t0 + tt < T_) {
+              const float* xs = smem + (t0 + tt) * k_slice + kk;
+#pragma unroll
+              for (int i = 0; i < 8; ++i) acc[tt] += xs[i] * a[i];
+            }
+          }
+        }
+        for (; kk < len; ++kk) {
+          const float a = to_float(a_row[kk]);
+#pragma unroll
+          for (int tt = 0; tt < kRowsPerPass; ++tt)
+            if (t0 + tt < T_) acc[tt] += smem[(t0 + tt) * k_slice + kk] * a;
+        }
+#pragma unroll
+        for (int tt = 0; tt < kRowsPerPass; ++tt)
+          if (t0 + tt < T_) partial[((int64_t)s * T_ + t0 + tt) * C + c] = acc[tt];
+      }
+    }
+    __syncthreads();
+  }
+  grid.sync();
+
+  // Phase 2: H = sum of partials in slice order (deterministic), Hg = H * s_e * g.
+  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = tid; i < (int64_t)T_ * C; i += nthreads) {
+    const int t = static_cast<int>(i / C), c = static_cast<int>(i - (int64_t)t * C);
+    float sum = 0.f;
+    for (int s = 0; s < num_slices; ++s) sum += partial[(int64_t)s * T_ * C + i];
+    from_float(H + i, sum);
+    const int e = c / r;
+    Hg[i] = to_float(H[i]) * scaling[e] * gates[(t / seq_len) * E + e];
+  }
+  grid.sync();
+
+  // Phase 3: y[t, n] += sum_c Hg[t, c] B[e, n, j]; Hg rows staged in shared memory, rows_per_tile at a time.
+  const bool vec_b = VEC && (r % 8 == 0);
+  for (int n0 = blockIdx.x * blockDim.x; n0 < N; n0 += gridDim.x * blockDim.x) {
+    const int n = n0 + threadIdx.x;
+    for (int t_tile = 0; t_tile < T_; t_tile += rows_per_tile) {
+      const int rows = min(rows_per_tile, T_ - t_tile);
+      __syncthreads();
+      for (int i = threadIdx.x; i < rows * C; i += blockDim.x) smem[i] = Hg[(int64_t)t_tile * C + i];
+      __syncthreads();
+      if (n < N) {
+        for (int t0 = 0; t0 < rows; t0 += kRowsPerPass) {
+          float acc[kRowsPerPass] = {};
+          for (int e = 0; e < E; ++e) {
+            const T* b_row = B + ((int64_t)e * N + n) * r;
+            int j = 0;
+            if (vec_b) {
+              for (; j + 8 <= r; j += 8) {
+                float b[8];
+                load8<T, true>(b_row + j, b);
+#pragma unroll
+                for (int tt = 0; tt < kRowsPerPass; ++tt) {
+                  if (t0 + tt < rows) {
+                    const float* hg = smem + (t0 + tt) * C + e * r + j;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[tt] += hg[i] * b[i];
+                  }
+                }
+              }
+            }
+            for (; j < r; ++j) {
+              const float b = to_float(b_row[j]);
+#pragma unroll
+              for (int tt = 0; tt < kRowsPerPass; ++tt)
+                if (t0 + tt < rows) acc[tt] += smem[(t0 + tt) * C + e * r + j] * b;
+            }
+          }
+#pragma unroll
+          for (int tt = 0; tt < kRowsPerPass; ++tt) {
+            if (t0 + tt < rows) {
+              T* out = y + (int64_t)(t_tile + t0 + tt) * N + n;
+              from_float(out, to_float(*out) + acc[tt]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, bool VEC>
+cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
+  auto kernel = lora_decode_kernel<T, VEC>;
+  const size_t smem = a.smem_bytes;
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  if (per_sm < 1) return cudaErrorInvalidConfiguration;
+  const int C = a.E * a.r;
+  const int num_slices = (a.K + a.k_slice - 1) / a.k_slice;
+  int want = num_slices;
+  want = want > (a.N + kThreads - 1) / kThreads ? want : (a.N + kThreads - 1) / kThreads;
+  const int grid = want < per_sm * a.num_sms ? want : per_sm * a.num_sms;  // every block co-resident
+  const void* x = a.x;
+  const void* A = a.A;
+  const void* B = a.B;
+  const float* gates = a.gates;
+  const float* scaling = a.scaling;
+  void* y = a.y;
+  void* H = a.H;
+  float* partial = a.partial;
+  float* Hg = a.Hg;
+  int T_ = a.T, K = a.K, N = a.N, E = a.E, r = a.r, seq_len = a.seq_len, k_slice = a.k_slice;
+  int rows_per_tile = a.rows_per_tile;
+  (void)C;
+  void* args[] = {&x, &A, &B, &gates, &scaling, &y, &H, &partial, &Hg, &T_, &K, &N, &E, &r, &seq_len, &k_slice,
+                  &rows_per_tile};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), args, smem,
+                                     stream);
+}
+
+}  // namespace
+
+cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case DType::kFloat16:
+      return args.vectorized ? launch_impl<__half, true>(args, stream) : launch_impl<__half, false>(args, stream);
+    case DType::kBFloat16:
+      return args.vectorized ? launch_impl<__nv_bfloat16, true>(args, stream)
+                             : launch_impl<__nv_bfloat16, false>(args, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+int decode_threads() { return kThreads; }
+
+}  // namespace personafuse
