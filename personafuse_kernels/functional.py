@@ -30,7 +30,7 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
 def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
     _check_tensor("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x must have shape [..., K], got a scalar")
+        raise ValueError("x must have shape [..., K], got a scalar")
     _check_tensor("weight", weight, 2)
     if bias is not None:
         _check_tensor("bias", bias, 1)

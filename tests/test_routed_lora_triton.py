@@ -9,7 +9,7 @@ import personafuse_kernels as pfk
 from personafuse_kernels.ops import routed_lora_triton as rlt
 from personafuse_kernels.ops.dropout import philox_uniform
 
-from conftest import HAS_CUDA, REL_TOL, assert_close, rel_err, requires_cuda
+from conftest import HAS_CUDA, assert_close, rel_err, requires_cuda
 from helpers import backward_grads, make_inputs, reference
 
 pytestmark = pytest.mark.skipif("triton" not in pfk.available_backends(),

@@ -30,6 +30,5 @@ struct DecodeArgs {
 };
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream);
-int decode_threads();
 
 }  // namespace personafuse

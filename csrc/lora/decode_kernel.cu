@@ -211,6 +211,4 @@ cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
   }
 }
 
-int decode_threads() { return kThreads; }
-
 }  // namespace personafuse

@@ -22,10 +22,6 @@ class NormalizedGates(NamedTuple):
     gates: torch.Tensor  # [G, E], contiguous
     seq_len: int  # tokens per gate row (1: per-token gates)
 
-    @property
-    def per_sequence(self) -> bool:
-        return self.seq_len > 1 or self.gates.shape[0] == 1
-
 
 def normalize_gates(gates: torch.Tensor, x_shape: torch.Size, num_experts: int) -> NormalizedGates:
     lead = tuple(x_shape[:-1])
