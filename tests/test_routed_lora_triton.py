@@ -240,3 +240,19 @@ def test_no_host_sync_and_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y_graph, pfk.routed_lora(x, w, b, A, B, g, scaling=2.0, backend="torch"), 2e-2)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_random_shapes_sweep(case):
+    """Seeded random shapes, gate layouts, scalings and dropout: the kernels' masks and tails everywhere."""
+    import random
+
+    rng = random.Random(1000 + case)
+    T, K, N = rng.randint(1, 150), rng.randint(1, 100), rng.randint(1, 100)
+    E, r = rng.randint(1, 12), rng.choice([1, 2, 3, 5, 8, 16, 24, 40])
+    mode = rng.choice(["token", "sequence", "single"])
+    p = rng.choice([0.0, 0.0, 0.1, 0.5])
+    inputs = make_inputs(T, K, N, E, r, gate_mode=mode, device=DEVICE, bias=rng.random() < 0.7,
+                         batch=rng.randint(1, 3) if mode == "sequence" else None)
+    scaling = rng.choice([1.0, torch.rand(E, device=DEVICE) * 2])
+    check_against_reference(inputs, scaling, FP32_TOL, dropout_p=p, seed=case)

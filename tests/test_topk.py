@@ -225,3 +225,20 @@ def test_fused_router_kernel_matches_torch_router(T, K, E, k, temp):
     assert torch.equal(outs[True][0], outs[False][0]), "same experts chosen"
     for a, b, n in zip(outs[True][1:], outs[False][1:], ["weights", "lb", "z", "dx", "dW", "db"]):
         assert_close(a, b, 1e-5, n)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", range(8))
+def test_grouped_random_sweep(monkeypatch, case):
+    import random
+
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    rng = random.Random(2000 + case)
+    E = rng.randint(1, 40)
+    k = rng.randint(1, min(E, 4))
+    T, K, N, r = rng.randint(1, 120), rng.randint(1, 90), rng.randint(1, 90), rng.choice([1, 3, 8, 16, 33])
+    pattern = rng.choice(["uniform", "skewed", "zipf", "all_to_one", "empty_experts"]) if E > k + 1 else "uniform"
+    ins, idx = inputs(T, K, N, E, r, k, pattern, seed=case)
+    p = rng.choice([0.0, 0.3])
+    for a, b, n in zip(run(ins, idx, "triton", dropout_p=p), run(ins, idx, "torch", dropout_p=p), NAMES):
+        assert_close(a, b, 2e-5, n)
