@@ -42,8 +42,10 @@ __device__ __forceinline__ void load8(const T* p, float out[8]) {
   }
 }
 
+// (kThreads, 2): at least 2 blocks per SM, which lets ptxas use up to 128 registers; with the default it chose 64
+// on sm_80 and spilled (tests/test_cuda_resources.py checks for spills).
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads) lora_decode_kernel(
+__global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(
     const T* __restrict__ x,        // [T, K]
     const T* __restrict__ A,        // [C, K]
     const T* __restrict__ B,        // [E, N, r]

@@ -1,0 +1,26 @@
+"""The CUDA kernels of csrc/ compile for sm_80 and sm_90 without register spills or local-memory stack frames
+(ptxas -v), checked without a GPU wherever nvcc is installed."""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NVCC = (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else shutil.which("nvcc"))
+pytestmark = pytest.mark.skipif(not NVCC or not os.path.exists(NVCC), reason="nvcc not found")
+SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_no_spills(source, arch, tmp_path):
+    res = subprocess.run([NVCC, "-O3", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", f"-arch={arch}", "-Xptxas",
+                          "-v", "-c", str(source), "-o", str(tmp_path / "k.o")], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", res.stderr)
+    assert frames, "ptxas printed no resource usage"
+    assert all(f == ("0", "0", "0") for f in frames), f"{source.name} {arch}: stack/spills {frames}"
