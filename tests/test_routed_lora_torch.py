@@ -144,3 +144,31 @@ def test_unit_gate_single_expert_equals_plain_lora():
     x, A, B = inputs["x"], inputs["lora_A"][0], inputs["lora_B"][0]
     expect = x @ inputs["weight"].t() + inputs["bias"] + 0.5 * (x @ A.t()) @ B.t()
     assert_close(y, expect, 1e-6, "y")
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    inputs = make_inputs(7, 32, 24, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run_op(inputs, 1.0)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert inputs["lora_A"].grad.dtype == torch.float32  # gradients reach the fp32 leaves through the casts
+
+
+def test_non_contiguous_inputs_give_the_same_result():
+    inputs = make_inputs(7, 33, 45, 3, 4)
+    y = run_op(inputs, 1.0)
+    nc = {k: (v.detach().t().contiguous().t() if v.dim() == 2 else v.detach()) for k, v in inputs.items()}
+    nc["lora_A"] = inputs["lora_A"].detach().transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided
+    assert not nc["weight"].is_contiguous() and not nc["lora_A"].is_contiguous()
+    assert_close(run_op(nc, 1.0), y, 1e-6, "y")
+
+
+def test_fake_tensor_shapes_without_compute():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, W = torch.randn(3, 5, 16), torch.randn(12, 16)
+        A, B = torch.randn(4, 2, 16), torch.randn(4, 12, 2)
+        y = pfk.routed_lora(x, W, None, A, B, torch.rand(3, 4), scaling=2.0)
+    assert y.shape == (3, 5, 12)
