@@ -56,7 +56,7 @@ if [ "$QUICK" = 1 ]; then
 else
   shapes="1,4096,4096,10,16;16,4096,4096,10,16;64,4096,4096,10,16;4096,4096,4096,10,16;16384,4096,4096,10,16;8192,4096,14336,10,16;8192,14336,4096,10,16"
 fi
-"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton,cuda --shapes "$shapes" --e2e \
+"$PY" benchmarks/bench_routed_lora.py --providers base,loop,xlora,stacked,torch,triton,cuda --shapes "$shapes" --e2e \
     --no-progress --out "$OUT_DIR/bench" > "$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
 # torch.compile recompiles per shape (tens of seconds each): two shapes only

@@ -30,3 +30,20 @@ def test_bad_arguments_exit_2():
         res = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", *args], capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 2, (args, res.stderr)
+
+
+def test_every_provider_computes_the_same_function():
+    """The baselines are honest: loop, peft's X-LoRA layer, stacked torch and our backends agree."""
+    import torch
+
+    from personafuse_kernels.bench.providers import make_provider, unavailable
+
+    torch.manual_seed(0)
+    T, K, N, E, r = 7, 33, 45, 3, 4
+    args = (torch.randn(T, K), torch.randn(N, K), torch.randn(N), torch.randn(E, r, K), torch.randn(E, N, r),
+            torch.rand(T, E), torch.tensor([0.5, 1.0, 2.0]))
+    ref = make_provider("loop")(*args)
+    for name in ("xlora", "stacked", "torch"):
+        if unavailable(name, "cpu"):
+            continue
+        torch.testing.assert_close(make_provider(name)(*args), ref, rtol=1e-5, atol=1e-4, msg=name)

@@ -37,13 +37,13 @@ def test_check_reports_backends_and_passes_self_test():
 
 
 def test_bench_quick_writes_rows_table_and_plot(tmp_path):
-    res = cli("bench", "--quick", "--device", "cpu", "--out", str(tmp_path), "--providers", "base,loop,stacked,torch,triton",
+    res = cli("bench", "--quick", "--device", "cpu", "--out", str(tmp_path), "--providers", "base,loop,xlora,stacked,torch,triton",
               "--modes", "fwd,bwd,fwdbwd", "--shapes", "5,48,40,10,16", "--no-progress", "--e2e")
     assert res.returncode == 0, res.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwdbwd"}
     ok = [r for r in rows if "error" not in r]
-    assert {r["provider"] for r in ok} >= {"base", "loop", "stacked", "torch"}
+    assert {r["provider"] for r in ok} >= {"base", "loop", "xlora", "stacked", "torch"}
     assert all(r["ms"] > 0 and r["tflops"] > 0 and r["commit"] for r in ok)
     triton = [r for r in rows if r["provider"] == "triton"]
     assert all("error" in r for r in triton), "triton needs a CUDA device: recorded as n/a, not timed on CPU"

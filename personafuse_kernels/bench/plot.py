@@ -22,7 +22,7 @@ def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None
     for r in rows:
         if row_key(r)[0] not in keys:
             keys.append(row_key(r)[0])
-    providers = [p for p in ("loop", "stacked", "compile", "torch", "triton", "cuda")
+    providers = [p for p in ("loop", "xlora", "stacked", "compile", "torch", "triton", "cuda")
                  if any(r["provider"] == p for r in rows)]
     ours = [p for p in providers if p in ("torch", "triton", "cuda")]
 
