@@ -68,14 +68,16 @@ def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: in
     return out.sum(0) if split > 1 else out[0]
 
 
+def _prepare(x, weight, lora_A, indices, weights, scaling):
+    """(K, N, E, r, P, w_pair [P] fp32, scaling [E] fp32) of one call."""
+    E, r, K = lora_A.shape
+    return (K, weight.shape[0], E, r, indices.numel(), weights.float().reshape(-1).contiguous(),
+            scaling.float().contiguous())
+
+
 def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta: RoutingMeta):
     """(y [T, N], H [P, r]) with P = T * k pairs."""
-    T, K = x.shape
-    N = weight.shape[0]
-    E, r, _ = lora_A.shape
-    P = indices.numel()
-    w_pair = weights.float().reshape(-1).contiguous()
-    scaling32 = scaling.float().contiguous()
+    K, N, E, r, P, w_pair, scaling32 = _prepare(x, weight, lora_A, indices, weights, scaling)
     H = x.new_empty(P, r)
     Hg = x.new_empty(P, r)
     y = F.linear(x, weight, bias)
@@ -92,12 +94,7 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
              meta: RoutingMeta, needs):
     """(dx, dW, db, dA, dB, dweights [T, k])."""
     need_dx, need_dW, need_db, need_dA, need_dB, need_dw = needs
-    T, N = dy.shape
-    K = x.shape[1]
-    E, r, _ = lora_A.shape
-    P = indices.numel()
-    w_pair = weights.float().reshape(-1).contiguous()
-    scaling32 = scaling.float().contiguous()
+    K, N, E, r, P, w_pair, scaling32 = _prepare(x, weight, lora_A, indices, weights, scaling)
     dH = torch.zeros_like(H)
     dw = torch.zeros(P, dtype=torch.float32, device=dy.device)
     if P:

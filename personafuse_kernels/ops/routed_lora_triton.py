@@ -24,6 +24,7 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -247,15 +248,30 @@ def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, d
     return out
 
 
-def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
-    """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
+class Call(NamedTuple):
+    """Sizes, launch config and float32 gate tensors of one forward or backward call."""
+    T: int
+    K: int
+    N: int
+    E: int
+    r: int
+    C: int
+    cfg: Config
+    gates32: torch.Tensor  # [G, E]
+    scaling32: torch.Tensor  # [E]
+
+
+def _prepare(x, weight, lora_A, gates, scaling) -> Call:
     T, K = x.shape
     N = weight.shape[0]
     E, r, _ = lora_A.shape
-    C = E * r
-    cfg = _config_for(x, K, N, C)
-    gates32 = gates.float().contiguous()
-    scaling32 = scaling.float().contiguous()
+    return Call(T, K, N, E, r, E * r, _config_for(x, K, N, E * r), gates.float().contiguous(),
+                scaling.float().contiguous())
+
+
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+    """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
+    T, K, N, E, r, C, cfg, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfg)
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
     b_strides = (N * r, 1, r)
@@ -326,13 +342,7 @@ def tn_gemm(p, q, I: int, J: int, q_mode: int, gates, scaling, seed, r: int, seq
 def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
     """(dx, dW, db, dA, dB, dgates); same contract as routed_lora_torch.backward."""
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
-    T, N = dy.shape
-    K = x.shape[1]
-    E, r, _ = lora_A.shape
-    C = E * r
-    cfg = _config_for(x, K, N, C)
-    gates32 = gates.float().contiguous()
-    scaling32 = scaling.float().contiguous()
+    T, K, N, E, r, C, cfg, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
     dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfg)
 
     dB = dy.new_empty(0)
