@@ -2,7 +2,7 @@
 # One script for a GPU machine (H100/H200, no network): build the extension, run the GPU tests, run the
 # benchmark, write everything under OUT_DIR, print a short table last.
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR [--memcheck] [--quick]
+#   bash benchmarks/gpu_check.sh OUT_DIR [--memcheck] [--quick] [--tune]
 #
 # Uses the machine's python3 (torch, triton, pytest preinstalled there); installs nothing from a registry.
 set -uo pipefail
@@ -11,11 +11,13 @@ OUT_DIR="${1:-${OUT:-$ROOT/gpu_out}}"
 shift || true
 MEMCHECK=0
 QUICK=0
+TUNE=0
 for arg in "$@"; do
   case "$arg" in
     --memcheck) MEMCHECK=1 ;;
     --quick) QUICK=1 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --memcheck, --quick)" >&2; exit 2 ;;
+    --tune) TUNE=1 ;;
+    *) echo "gpu_check.sh: unknown argument $arg (use --memcheck, --quick, --tune)" >&2; exit 2 ;;
   esac
 done
 mkdir -p "$OUT_DIR"
@@ -66,6 +68,11 @@ bench_rc=$?
 # top-k: T = 8192, 4096x4096, r = 16, top-2, E = 8, 16, 32, 64, 128
 "$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton --shapes topk --modes fwd,fwdbwd \
     --no-progress --no-plot --out "$OUT_DIR/bench_topk" > "$OUT_DIR/bench_topk.log" 2>&1
+
+if [ "$TUNE" = 1 ]; then  # per-GPU launch table for the triton backend (lands in rows.tar.gz)
+  mkdir -p "$OUT_DIR/bench"
+  "$PY" benchmarks/tune_triton.py --out "$OUT_DIR/bench" > "$OUT_DIR/bench/tune.log" 2>&1
+fi
 
 # the device tool returns at most 8 files: keep the logs, pack the row folders into one archive
 tar czf "$OUT_DIR/rows.tar.gz" -C "$OUT_DIR" bench bench_compile bench_topk 2>/dev/null \

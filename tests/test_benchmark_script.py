@@ -47,3 +47,14 @@ def test_every_provider_computes_the_same_function():
         if unavailable(name, "cpu"):
             continue
         torch.testing.assert_close(make_provider(name)(*args), ref, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_tuner_runs_every_variant_in_the_interpreter():
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tune_triton.py"), "--device", "cpu",
+                          "--buckets", "1,100"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "failed" not in res.stdout, res.stdout
+    assert res.stdout.count("ran (interpreter") >= 10
