@@ -143,19 +143,17 @@ def routed_lora(
     name = resolve_backend(backend, x.device, x.dtype)
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
+    # the kernels' layout: x [T, K], every operand contiguous
+    operands = (x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                lora_A.contiguous(), lora_B.contiguous())
     if isinstance(gates, TopKGates):
         grouped = resolve_topk_backend(name, E, r, gates.k)
         if grouped is not None:
-            y = RoutedLoRATopKFunction.apply(
-                x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-                lora_A.contiguous(), lora_B.contiguous(), gates.indices.reshape(-1, gates.k).contiguous(),
-                gates.weights.reshape(-1, gates.k).contiguous(), scale, seed, p, grouped,
-            )
+            indices = gates.indices.reshape(-1, gates.k).contiguous()
+            weights = gates.weights.reshape(-1, gates.k).contiguous()
+            y = RoutedLoRATopKFunction.apply(*operands, indices, weights, scale, seed, p, grouped)
             return y.view(*lead, N)
         gates = gates.to_dense(E)  # the dense stacked path, zeros off the top-k
     norm = normalize_gates(gates, x.shape, E)
-    y = RoutedLoRAFunction.apply(
-        x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
-        lora_A.contiguous(), lora_B.contiguous(), norm.gates, scale, seed, norm.seq_len, p, name,
-    )
+    y = RoutedLoRAFunction.apply(*operands, norm.gates, scale, seed, norm.seq_len, p, name)
     return y.view(*lead, N)
