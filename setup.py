@@ -167,7 +167,7 @@ setup(
     # the library, and python/ (the runnable recipes) installed as `personafuse_recipes` for `personafuse demo`
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]) + ["personafuse_recipes"],
     package_dir={"personafuse_recipes": "python"},
-    package_data={PACKAGE: ["data/*.json", "ops/triton_configs/*.json"]},
+    package_data={PACKAGE: ["data/*.json", "ops/triton_configs/*.json", "ops/dispatch_tables/*.json"]},
     entry_points={"console_scripts": ["personafuse = personafuse_kernels.cli:main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "tqdm", "safetensors"],

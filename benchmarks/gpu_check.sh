@@ -77,6 +77,8 @@ fi
 "$PY" benchmarks/bench_routed_lora.py --providers base,loop,xlora,stacked,torch,triton,cuda --shapes "$shapes" --e2e \
     --modes fwd,fwdbwd --no-progress --out "$OUT_DIR/bench" > "$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
+# the measured cuda-vs-triton choice per T bucket for `auto` (copy it to personafuse_kernels/ops/dispatch_tables/)
+"$PY" benchmarks/make_dispatch_table.py "$OUT_DIR/bench/rows.json" --out "$OUT_DIR/bench" >> "$OUT_DIR/bench.log" 2>&1
 # torch.compile recompiles per shape (tens of seconds each): two shapes only
 "$PY" benchmarks/bench_routed_lora.py --providers base,stacked,compile --shapes "4096,4096,4096,10,16;16,4096,4096,10,16" --no-progress --no-plot \
     --out "$OUT_DIR/bench_compile" > "$OUT_DIR/bench_compile.log" 2>&1

@@ -5,14 +5,17 @@
     triton  fused Triton kernels; CUDA tensors, fp32/fp16/bf16 (CPU tensors too under TRITON_INTERPRET=1)
 
 An explicit ``backend=`` argument wins, then the PERSONAFUSE_BACKEND environment variable; either fails
-loudly when that backend cannot run the call. ``auto`` picks the fastest available backend for the
-device and dtype, silently falling back to ``torch``.
+loudly when that backend cannot run the call. ``auto`` picks, on a GPU, the backend a measured table names for
+the card and the T bucket (ops/dispatch_tables/, from benchmark rows), else triton, cuda, torch in that order;
+it silently falls back to ``torch``.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -86,15 +89,33 @@ def _why_not(backend: Backend, device: torch.device, dtype: torch.dtype) -> str 
     return None
 
 
+TABLES_DIR = Path(__file__).with_name("ops") / "dispatch_tables"
+
+
+def _bucket(tokens: int) -> int:
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def measured_table(device_name: str) -> dict:
+    """Optional measured choice of backend per T bucket for one GPU: ops/dispatch_tables/<name>.json, e.g.
+    {"T<=64": "cuda", "T<=4096": "triton"}, written by benchmarks/make_dispatch_table.py from benchmark rows."""
+    path = TABLES_DIR / (device_name.replace(" ", "_") + ".json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once at trace time: no tracing into the cache
-def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend name for a call on tensors of this device and dtype."""
-    return _resolve(requested or "auto", os.environ.get("PERSONAFUSE_BACKEND", ""), device.type, dtype)
+def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, tokens: int = 0) -> str:
+    """The backend name for a call on tensors of this device and dtype (tokens: T, for measured tables)."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return _resolve(requested or "auto", os.environ.get("PERSONAFUSE_BACKEND", ""), device.type, dtype,
+                    device_name, _bucket(tokens) if tokens else 0)
 
 
-@functools.lru_cache(maxsize=64)
-def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype) -> str:
-    """Cached per (argument, environment, device type, dtype): availability does not change in a process."""
+@functools.lru_cache(maxsize=256)
+def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, device_name: str = "",
+             t_bucket: int = 0) -> str:
+    """Cached per (argument, environment, device, dtype, T bucket): availability does not change in a process."""
     device = torch.device(device_type)
     name = requested.lower()
     source = "backend="
@@ -108,7 +129,9 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype) -> 
             raise RuntimeError(f"{source}{name!r} cannot run this call ({device.type}, {dtype}): {why}")
         return name
     if device.type == "cuda":
-        for candidate in AUTO_ORDER_CUDA:
+        measured = measured_table(device_name).get(f"T<={t_bucket}") if t_bucket else None
+        order = ([measured] if measured in BACKENDS else []) + AUTO_ORDER_CUDA
+        for candidate in order:
             if _why_not(BACKENDS[candidate], device, dtype) is None:
                 return candidate
     return "torch"

@@ -140,7 +140,7 @@ def routed_lora(
     K, N = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
     scale = _scaling_tensor(scaling, E, x)
-    name = resolve_backend(backend, x.device, x.dtype)
+    name = resolve_backend(backend, x.device, x.dtype, x.numel() // max(K, 1))
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
     # the kernels' layout: x [T, K], every operand contiguous

@@ -78,3 +78,33 @@ def test_available_backends_has_torch_and_reasons_for_others():
     assert "torch" in avail
     for name, why in pfk.unavailable_reasons().items():
         assert name not in avail and why
+
+
+def test_measured_dispatch_table_steers_auto(monkeypatch):
+    """auto follows a measured per-GPU table when one exists (simulated: no GPU here)."""
+    import personafuse_kernels.dispatch as d
+
+    monkeypatch.setattr(d, "measured_table", lambda name: {"T<=64": "cuda", "T<=4096": "triton"})
+    monkeypatch.setattr(d, "_why_not", lambda backend, device, dtype: None)
+    d._resolve.cache_clear()
+    try:
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 64) == "cuda"
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 4096) == "triton"
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 32768) == "triton"  # not in table
+        assert d._resolve("auto", "", "cpu", torch.float32, "", 64) == "torch"
+    finally:
+        d._resolve.cache_clear()
+
+
+def test_make_dispatch_table_picks_the_faster_backend_per_bucket():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "mdt", Path(__file__).resolve().parents[1] / "benchmarks" / "make_dispatch_table.py")
+    mdt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mdt)
+    rows = [dict(mode="fwdbwd", provider=p, T=T, ratio_to_base=ratio, device="NVIDIA H200")
+            for p, T, ratio in [("triton", 16, 1.9), ("cuda", 16, 1.4), ("triton", 4096, 1.2), ("cuda", 4096, 1.5),
+                                ("cuda", 4096, 1.6)]]
+    assert mdt.choose(rows, "fwdbwd") == {"T<=16": "cuda", "T<=4096": "triton"}
