@@ -24,7 +24,8 @@ ROUTER_MODES = ("token", "sequence", "external")
 class RoutedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: Optional[float] = None,
                  dropout: float = 0.0, router: str = "token", temperature: float = 1.0, backend: str = "auto",
-                 top_k: Optional[int] = None, capacity_factor: Optional[float] = None):
+                 top_k: Optional[int] = None, capacity_factor: Optional[float] = None,
+                 context_features: Optional[int] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
@@ -48,11 +49,13 @@ class RoutedLoRALinear(nn.Module):
             self.router = TokenRouter(K, num_experts, temperature, top_k=top_k, capacity_factor=capacity_factor,
                                       **factory)
         elif router == "sequence":
-            self.router = SequenceRouter(K, num_experts, temperature, **factory)
+            # context_features: route from a given context embedding [B, C] (set_context) instead of pooling x
+            self.router = SequenceRouter(K, num_experts, temperature, context_features=context_features, **factory)
         else:
             self.router = None
         self._external_gates: Optional[Tensor] = None
         self._attention_mask: Optional[Tensor] = None
+        self._context: Optional[Tensor] = None
         self.router_output: Optional[RouterOutput] = None  # last token-router output (aux losses)
         self._unmerged_weight: Optional[Tensor] = None  # exact copy of W while a persona mix is merged
         self.merged_gates: Optional[Tensor] = None
@@ -114,12 +117,18 @@ class RoutedLoRALinear(nn.Module):
         """Valid-token mask [B, S] the sequence router pools over; None pools over all tokens."""
         self._attention_mask = attention_mask
 
+    def set_context(self, context: Optional[Tensor]) -> None:
+        """Context embedding [B, C] the sequence router reads instead of the pooled input; None clears."""
+        if context is not None and self.router_mode != "sequence":
+            raise ValueError(f"a context embedding needs router='sequence', this layer has {self.router_mode!r}")
+        self._context = context
+
     def compute_gates(self, x: Tensor) -> Tensor:
         if self.router_mode == "token":
             self.router_output = self.router(x)
             return self.router_output.gates
         if self.router_mode == "sequence":
-            return self.router(x, attention_mask=self._attention_mask)
+            return self.router(x, attention_mask=self._attention_mask, context=self._context)
         g = self._external_gates
         if g is None:
             raise RuntimeError("this RoutedLoRALinear has router='external': call set_gates(gates [B, E]) "

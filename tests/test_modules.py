@@ -149,3 +149,25 @@ def test_bad_layer_arguments():
         pfk.RoutedLoRALinear.from_linear(nn.Linear(4, 4), rank=0)
     with pytest.raises(TypeError, match="nn.Linear"):
         pfk.RoutedLoRALinear(nn.Conv1d(4, 4, 1), 2, 2)
+
+
+def test_sequence_router_from_a_context_embedding():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    pfk.inject_routed_lora(model, ["0", "1"], num_experts=3, rank=2, router="sequence", context_features=5,
+                           verbose=False)
+    for m in pfk.routed_layers(model):
+        nn.init.normal_(m.lora_B, std=0.5)
+    x = torch.randn(2, 4, 8)
+    ctx_a, ctx_b = torch.randn(2, 5), torch.randn(2, 5)
+    with pfk.routing_inputs(model, context=ctx_a):
+        ya = model(x)
+        gates = model[0].router(x, context=ctx_a)
+    with pfk.routing_inputs(model, context=ctx_b):
+        yb = model(x)
+    assert not torch.allclose(ya, yb), "the context, not x, decides the mix"
+    assert gates.shape == (2, 3) and model[0]._context is None
+    ya.sum().backward()
+    assert model[0].router.proj.weight.shape == (3, 5) and model[0].router.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="router='sequence'"):
+        pfk.RoutedLoRALinear.from_linear(nn.Linear(4, 4), num_experts=2, rank=1, router="token").set_context(
+            torch.randn(1, 3))

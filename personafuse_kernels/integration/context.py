@@ -45,12 +45,16 @@ def hold_sequence_gates(model: nn.Module):
 
 
 @contextmanager
-def routing_inputs(model: nn.Module, gates: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None):
-    """Set external gates and/or the attention mask the sequence routers pool over, for every routed layer."""
+def routing_inputs(model: nn.Module, gates: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                   context: Optional[Tensor] = None):
+    """For every routed layer, for the block: external gates, the attention mask the sequence routers pool over,
+    and/or the context embedding [B, C] the sequence routers read instead (layers built with context_features)."""
     layers = list(routed_layers(model))
     for m in layers:
         if gates is not None:
             m.set_gates(gates)
+        if context is not None:
+            m.set_context(context)
         m.set_attention_mask(attention_mask)
     try:
         yield model
@@ -58,6 +62,8 @@ def routing_inputs(model: nn.Module, gates: Optional[Tensor] = None, attention_m
         for m in layers:
             if gates is not None:
                 m.set_gates(None)
+            if context is not None:
+                m.set_context(None)
             m.set_attention_mask(None)
 
 
