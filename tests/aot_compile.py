@@ -110,6 +110,11 @@ def gemm_cases(dtype="bf16"):
                   {"X": p, "W": p, "B": p, "PROBS": "*fp32", "LSE": "*fp32", "IDX": "*i64", "WTS": "*fp32",
                    "T": "i32", "K": "i32", "E": "i32", "inv_temp": "fp32"},
                   {"TOP_K": 2, "BLOCK_M": 32, "BLOCK_E": 128, "BLOCK_K": 64, **dot}, {"num_warps": 4}))
+    cases.append(("topk_router_bwd", router_triton._topk_router_bwd_kernel,
+                  {"PROBS": "*fp32", "IDX": "*i64", "WTS": "*fp32", "DWTS": "*fp32", "DPROBS": "*fp32",
+                   "DLSE": "*fp32", "DLOGITS": "*fp32", "T": "i32", "E": "i32", "inv_temp": "fp32"},
+                  {"TOP_K": 2, "HAS_DPROBS": True, "HAS_DLSE": True, "BLOCK_M": 32, "BLOCK_E": 128},
+                  {"num_warps": 4}))
     return cases
 
 

@@ -1,6 +1,7 @@
 """Fused top-k router: one Triton kernel for logits = (x W_r^T + b) / temperature, float32 softmax, log-sum-exp,
-top-k and renormalization; the backward written out in torch ops (TopKRouterFunction). Reference: the
-unfused path of routing/routers.py TokenRouter (torch.softmax + torch.topk), which tests hold it to.
+top-k and renormalization; one for the backward to the logits (from the routing weights and the aux losses'
+gradients), then two cuBLAS GEMMs for dx and dW_r (TopKRouterFunction). Reference: the unfused path of
+routing/routers.py TokenRouter (torch.softmax + torch.topk, autograd), which tests hold it to.
 
     x [T, K], W_r [E, K], b [E] -> probs [T, E] fp32, lse [T] fp32, indices [T, k] int64, weights [T, k] fp32
 Backward, with S_t = sum_j probs[t, i_j] (so weights = probs[i] / S):
@@ -59,12 +60,68 @@ def _topk_router_fwd_kernel(
         best, arg = _select_top(work, offs_e, BLOCK_E)
         picked += best
         work = tl.where(offs_e[None, :] == arg[:, None], -1.0, work)
+    picked = tl.where(m_ok, picked, 1.0)  # rows past T: no 0 / 0
     work = tl.where(e_ok[None, :], probs, -1.0)
     for j in tl.static_range(TOP_K):
         best, arg = _select_top(work, offs_e, BLOCK_E)
         tl.store(IDX + offs_m * TOP_K + j, arg.to(tl.int64), mask=m_ok)
         tl.store(WTS + offs_m * TOP_K + j, best / picked, mask=m_ok)
         work = tl.where(offs_e[None, :] == arg[:, None], -1.0, work)
+
+
+@triton.jit
+def _topk_router_bwd_kernel(
+    PROBS, IDX, WTS, DWTS, DPROBS, DLSE, DLOGITS, T, E, inv_temp,
+    TOP_K: tl.constexpr, HAS_DPROBS: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """dlogits [T, E] (fp32) of the router from dweights, and optionally dprobs and dlse (the aux losses):
+        dp[i_j] += (dw_j - <dw, w>) / S,  S = sum_j p[i_j]
+        dlogits = (p * (dp - <dp, p>) + dlse * p) / temperature
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_ok = offs_m < T
+    mask = m_ok[:, None] & (offs_e < E)[None, :]
+    p = tl.load(PROBS + offs_m[:, None] * E + offs_e[None, :], mask=mask, other=0.0)
+    if HAS_DPROBS:
+        dp = tl.load(DPROBS + offs_m[:, None] * E + offs_e[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        dp = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    picked = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dot_dw_w = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        i = tl.load(IDX + offs_m * TOP_K + j, mask=m_ok, other=0)
+        picked += tl.sum(tl.where(offs_e[None, :] == i[:, None], p, 0.0), axis=1)
+        dot_dw_w += tl.load(DWTS + offs_m * TOP_K + j, mask=m_ok, other=0.0).to(tl.float32) * \
+            tl.load(WTS + offs_m * TOP_K + j, mask=m_ok, other=0.0)
+    picked = tl.where(m_ok, picked, 1.0)  # rows past T: no 0 / 0
+    for j in tl.static_range(TOP_K):
+        i = tl.load(IDX + offs_m * TOP_K + j, mask=m_ok, other=0)
+        dw = tl.load(DWTS + offs_m * TOP_K + j, mask=m_ok, other=0.0).to(tl.float32)
+        dp += tl.where(offs_e[None, :] == i[:, None], ((dw - dot_dw_w) / picked)[:, None], 0.0)
+    dlogits = p * (dp - tl.sum(dp * p, axis=1)[:, None])
+    if HAS_DLSE:
+        dlogits += tl.load(DLSE + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None] * p
+    tl.store(DLOGITS + offs_m[:, None] * E + offs_e[None, :], dlogits * inv_temp, mask=mask)
+
+
+def topk_router_dlogits(probs, idx, wts, dwts, dprobs, dlse, temperature: float):
+    """dlogits [T, E] fp32 (see _topk_router_bwd_kernel); dwts, dprobs, dlse may be None."""
+    T, E = probs.shape
+    k = idx.shape[1]
+    dlogits = torch.empty_like(probs)
+    if T == 0:
+        return dlogits
+    block_m = 32
+    dwts = torch.zeros_like(wts) if dwts is None else dwts.float().contiguous()
+    _topk_router_bwd_kernel[(triton_cdiv(T, block_m),)](
+        probs, idx, wts, dwts, probs if dprobs is None else dprobs.float().contiguous(),
+        probs if dlse is None else dlse.float().contiguous(), dlogits, T, E, 1.0 / temperature,
+        TOP_K=k, HAS_DPROBS=dprobs is not None, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
+        BLOCK_E=_pow2(E, 16), num_warps=4,
+    )
+    return dlogits
 
 
 def topk_router_forward(x, weight, bias, temperature: float, top_k: int):
@@ -101,15 +158,7 @@ class TopKRouterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dprobs, dlse, _didx, dwts):
         x, weight, probs, idx, wts = ctx.saved_tensors
-        dp = torch.zeros_like(probs) if dprobs is None else dprobs.float().clone()
-        if dwts is not None:
-            picked = probs.gather(1, idx).sum(-1, keepdim=True)  # S_t
-            dwts = dwts.float()
-            dp.scatter_add_(1, idx, (dwts - (dwts * wts).sum(-1, keepdim=True)) / picked)
-        dlogits = probs * (dp - (dp * probs).sum(-1, keepdim=True))
-        if dlse is not None:
-            dlogits = dlogits + dlse.float()[:, None] * probs
-        dlogits = (dlogits / ctx.temperature).to(x.dtype)
+        dlogits = topk_router_dlogits(probs, idx, wts, dwts, dprobs, dlse, ctx.temperature).to(x.dtype)
         dx = dlogits @ weight if ctx.needs_input_grad[0] else None
         dW = dlogits.t() @ x if ctx.needs_input_grad[1] else None
         db = dlogits.sum(0) if ctx.needs_input_grad[2] else None
