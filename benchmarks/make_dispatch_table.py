@@ -9,12 +9,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from personafuse_kernels.dispatch import token_bucket  # noqa: E402
+
 
 def choose(rows, mode: str, candidates=("triton", "cuda")) -> dict:
     ratios = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("mode") == mode and r.get("provider") in candidates and "error" not in r and not r.get("top_k"):
-            bucket = 1 << max(0, int(r["T"]) - 1).bit_length()
+            bucket = token_bucket(r["T"])
             ratios[bucket][r["provider"]].append(r["ratio_to_base"])
     table = {}
     for bucket, by in sorted(ratios.items()):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from personafuse_kernels.dispatch import token_bucket  # noqa: E402
 from personafuse_kernels.functional import routed_lora  # noqa: E402
 from personafuse_kernels.ops import routed_lora_triton as rlt  # noqa: E402
 
@@ -107,7 +108,7 @@ def main(argv=None):
     for t_bucket in buckets:
         best, _ = tune_bucket(t_bucket, K, N, E, r, args.device, dtype, args.quick, name)
         if best:
-            table[f"T<={rlt._pow2(t_bucket, 1)}"] = best
+            table[f"T<={token_bucket(t_bucket)}"] = best
     print(json.dumps(table, indent=1))
     if args.out and args.device == "cuda":
         path = Path(args.out) / (name.replace(" ", "_") + ".json")

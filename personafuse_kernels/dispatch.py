@@ -43,8 +43,14 @@ def _cuda_unavailable() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def token_bucket(tokens: int) -> int:
+    """T rounded up to a power of two: the key ("T<=bucket") of the launch-config and dispatch tables."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
 
 
 def _triton_unavailable() -> str | None:
@@ -52,14 +58,14 @@ def _triton_unavailable() -> str | None:
         import triton  # noqa: F401
     except ImportError as exc:
         return f"Triton is not installed ({exc})"
-    if not torch.cuda.is_available() and not _interpreting():
+    if not torch.cuda.is_available() and not interpreting():
         return "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
     return None
 
 
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "routed_lora_torch", ("cpu", "cuda"), _ALL_FLOATS, lambda: None),
-    "triton": Backend("triton", "routed_lora_triton", ("cuda", "cpu") if _interpreting() else ("cuda",),
+    "triton": Backend("triton", "routed_lora_triton", ("cuda", "cpu") if interpreting() else ("cuda",),
                       _ALL_FLOATS[:3], _triton_unavailable),
     "cuda": Backend("cuda", "routed_lora_cuda", ("cuda",), _ALL_FLOATS[:3], _cuda_unavailable),
 }
@@ -92,10 +98,6 @@ def _why_not(backend: Backend, device: torch.device, dtype: torch.dtype) -> str 
 TABLES_DIR = Path(__file__).with_name("ops") / "dispatch_tables"
 
 
-def _bucket(tokens: int) -> int:
-    return 1 << max(0, int(tokens) - 1).bit_length()
-
-
 @functools.lru_cache(maxsize=None)
 def measured_table(device_name: str) -> dict:
     """Optional measured choice of backend per T bucket for one GPU: ops/dispatch_tables/<name>.json, e.g.
@@ -107,13 +109,12 @@ def measured_table(device_name: str) -> dict:
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once at trace time: no tracing into the cache
 def resolve_backend(requested: str | None, device: torch.device, dtype: torch.dtype, tokens: int = 0) -> str:
     """The backend name for a call on tensors of this device and dtype (tokens: T, for measured tables)."""
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return _resolve(requested or "auto", os.environ.get("PERSONAFUSE_BACKEND", ""), device.type, dtype,
-                    device_name, _bucket(tokens) if tokens else 0)
+                    device.index, token_bucket(tokens) if tokens else 0)
 
 
 @functools.lru_cache(maxsize=256)
-def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, device_name: str = "",
+def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, device_index=None,
              t_bucket: int = 0) -> str:
     """Cached per (argument, environment, device, dtype, T bucket): availability does not change in a process."""
     device = torch.device(device_type)
@@ -129,7 +130,7 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, dev
             raise RuntimeError(f"{source}{name!r} cannot run this call ({device.type}, {dtype}): {why}")
         return name
     if device.type == "cuda":
-        measured = measured_table(device_name).get(f"T<={t_bucket}") if t_bucket else None
+        measured = measured_table(torch.cuda.get_device_name(device_index)).get(f"T<={t_bucket}") if t_bucket else None
         order = ([measured] if measured in BACKENDS else []) + AUTO_ORDER_CUDA
         for candidate in order:
             if _why_not(BACKENDS[candidate], device, dtype) is None:

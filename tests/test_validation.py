@@ -86,12 +86,13 @@ def test_measured_dispatch_table_steers_auto(monkeypatch):
 
     monkeypatch.setattr(d, "measured_table", lambda name: {"T<=64": "cuda", "T<=4096": "triton"})
     monkeypatch.setattr(d, "_why_not", lambda backend, device, dtype: None)
+    monkeypatch.setattr(d.torch.cuda, "get_device_name", lambda index=None: "NVIDIA H200")
     d._resolve.cache_clear()
     try:
-        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 64) == "cuda"
-        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 4096) == "triton"
-        assert d._resolve("auto", "", "cuda", torch.bfloat16, "NVIDIA H200", 32768) == "triton"  # not in table
-        assert d._resolve("auto", "", "cpu", torch.float32, "", 64) == "torch"
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, 0, 64) == "cuda"
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, 0, 4096) == "triton"
+        assert d._resolve("auto", "", "cuda", torch.bfloat16, 0, 32768) == "triton"  # not in table
+        assert d._resolve("auto", "", "cpu", torch.float32, None, 64) == "torch"
     finally:
         d._resolve.cache_clear()
 

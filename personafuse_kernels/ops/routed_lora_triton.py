@@ -29,15 +29,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import interpreting, token_bucket
 from . import triton_kernels as tk
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TUNED_DIR = Path(__file__).with_name("triton_configs")
 SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
@@ -107,7 +104,7 @@ def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpre
 def _config_for(x: torch.Tensor, K: int, N: int, C: int) -> Config:
     interpret = interpreting()
     name = "interpreter" if interpret or x.device.type != "cuda" else torch.cuda.get_device_name(x.device)
-    return get_config(_pow2(x.shape[0], 1), K, N, C, name, interpret)
+    return get_config(token_bucket(x.shape[0]), K, N, C, name, interpret)
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
