@@ -96,11 +96,6 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& dHg,      // 
   return {dH, dgates};
 }
 
-constexpr int64_t kDecodeMaxTokens = 64;
-constexpr int64_t kDecodeMaxWidth = 12288;  // E * r: one Hg row must fit the 48 KiB of shared memory
-
-int64_t round_down8(int64_t v) { return v < 8 ? 8 : v - v % 8; }
-
 // y += LoRA branch for T <= 64 in one launch; returns H [T, E*r] (kept for backward).
 at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
                         const at::Tensor& x,         // [T, K]
@@ -139,15 +134,14 @@ at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
   int num_sms = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()) == cudaSuccess,
               "cudaDeviceGetAttribute failed");
+  const DecodePlan plan = plan_lora_decode(T, K, E, r, num_sms);
   DecodeArgs a{};
   a.dtype = to_dtype(x, "x");
-  // slices: about one per SM, a multiple of 8 columns, and x's slice [T, k_slice] fp32 within 32 KiB
-  a.k_slice = static_cast<int>(round_down8(std::min<int64_t>((K + num_sms - 1) / num_sms + 7, 8192 / T)));
-  a.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(T, kDecodeMaxWidth / C)));
-  a.smem_bytes = 4 * static_cast<size_t>(std::max<int64_t>(T * a.k_slice, a.rows_per_tile * C));
-  const int64_t num_slices = (K + a.k_slice - 1) / a.k_slice;
+  a.k_slice = plan.k_slice;
+  a.rows_per_tile = plan.rows_per_tile;
+  a.smem_bytes = plan.smem_bytes;
   at::Tensor H = at::empty({T, C}, x.options());
-  at::Tensor partial = at::empty({num_slices, T, C}, gates.options());
+  at::Tensor partial = at::empty({plan.num_slices, T, C}, gates.options());
   at::Tensor Hg = at::empty({T, C}, gates.options());
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   a.vectorized = K % 8 == 0 && aligned(lora_A) && aligned(lora_B);

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include "pfk_gate.h"
+#include "pfk_launch.cuh"
 
 namespace personafuse {
 namespace {
@@ -89,9 +90,8 @@ cudaError_t gate_forward_impl(const void* H, const float* gates, const float* sc
                               int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream) {
   const int64_t n = T_ * E * r;
   if (n == 0) return cudaSuccess;
-  gate_forward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<const T*>(H), gates, scaling,
-                                                              static_cast<T*>(Hg), T_, E, r, seq_len);
-  return cudaGetLastError();
+  return launch_kernel(gate_forward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream,
+                       static_cast<const T*>(H), gates, scaling, static_cast<T*>(Hg), T_, E, r, seq_len);
 }
 
 template <typename T>
@@ -100,14 +100,13 @@ cudaError_t gate_backward_impl(const void* dHg, const void* H, const float* gate
                                cudaStream_t stream) {
   const int64_t n = T_ * E;
   if (n == 0) return cudaSuccess;
-  gate_backward_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(
-      static_cast<const T*>(dHg), static_cast<const T*>(H), gates, scaling, static_cast<T*>(dH), dg_tok, T_, E, r,
-      seq_len);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(gate_backward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream,
+                                  static_cast<const T*>(dHg), static_cast<const T*>(H), gates, scaling,
+                                  static_cast<T*>(dH), dg_tok, T_, E, r, seq_len);
   if (err != cudaSuccess || seq_len == 1) return err;
   const int64_t num_seq = T_ / seq_len;
-  sequence_sum_kernel<<<static_cast<unsigned>(num_seq * E), kThreads, 0, stream>>>(dg_tok, dgates, E, seq_len);
-  return cudaGetLastError();
+  return launch_kernel(sequence_sum_kernel, dim3(static_cast<unsigned>(num_seq * E)), dim3(kThreads), 0, stream,
+                       dg_tok, dgates, E, seq_len);
 }
 
 }  // namespace

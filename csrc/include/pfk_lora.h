@@ -29,6 +29,18 @@ struct DecodeArgs {
   int num_sms;
 };
 
+// How the decode kernel cuts the work for T tokens (host-side, no CUDA calls): the caller allocates
+// partial [num_slices, T, E * r] float32 and copies the fields into DecodeArgs.
+struct DecodePlan {
+  int k_slice;         // about K / num_sms, a multiple of 8, and x's slice [T, k_slice] fp32 within 32 KiB
+  int rows_per_tile;   // Hg rows per phase-3 pass: as many as fit kMaxWidth floats
+  size_t smem_bytes;
+  int num_slices;      // cdiv(K, k_slice)
+};
+constexpr int64_t kDecodeMaxTokens = 64;
+constexpr int64_t kDecodeMaxWidth = 12288;  // E * r: one Hg row in float must fit the 48 KiB of shared memory
+DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r, int num_sms);
+
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace personafuse

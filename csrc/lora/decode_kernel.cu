@@ -13,6 +13,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+#include <cstdint>
+
+#include "pfk_launch.cuh"
 #include "pfk_lora.h"
 
 namespace cg = cooperative_groups;
@@ -56,7 +60,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(
     float* __restrict__ partial,    // [num_slices, T, C]
     float* __restrict__ Hg,         // [T, C]
     int T_, int K, int N, int E, int r, int seq_len, int k_slice, int rows_per_tile) {
-  extern __shared__ float smem[];
+  PFK_DYNAMIC_SMEM(float, smem);
   cg::grid_group grid = cg::this_grid();
   const int C = E * r;
   const int num_slices = (K + k_slice - 1) / k_slice;
@@ -176,30 +180,27 @@ cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int C = a.E * a.r;
   const int num_slices = (a.K + a.k_slice - 1) / a.k_slice;
   int want = num_slices;
   want = want > (a.N + kThreads - 1) / kThreads ? want : (a.N + kThreads - 1) / kThreads;
   const int grid = want < per_sm * a.num_sms ? want : per_sm * a.num_sms;  // every block co-resident
-  const void* x = a.x;
-  const void* A = a.A;
-  const void* B = a.B;
-  const float* gates = a.gates;
-  const float* scaling = a.scaling;
-  void* y = a.y;
-  void* H = a.H;
-  float* partial = a.partial;
-  float* Hg = a.Hg;
-  int T_ = a.T, K = a.K, N = a.N, E = a.E, r = a.r, seq_len = a.seq_len, k_slice = a.k_slice;
-  int rows_per_tile = a.rows_per_tile;
-  (void)C;
-  void* args[] = {&x, &A, &B, &gates, &scaling, &y, &H, &partial, &Hg, &T_, &K, &N, &E, &r, &seq_len, &k_slice,
-                  &rows_per_tile};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), args, smem,
-                                     stream);
+  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), smem, stream, a.x, a.A, a.B, a.gates, a.scaling,
+                            a.y, a.H, a.partial, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_slice,
+                            a.rows_per_tile);
 }
 
 }  // namespace
+
+DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r, int num_sms) {
+  auto round_down8 = [](int64_t v) { return v < 8 ? int64_t{8} : v - v % 8; };
+  const int64_t C = E * r;
+  DecodePlan p{};
+  p.k_slice = static_cast<int>(round_down8(std::min<int64_t>((K + num_sms - 1) / num_sms + 7, 8192 / T)));
+  p.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(T, kDecodeMaxWidth / C)));
+  p.smem_bytes = 4 * static_cast<size_t>(std::max<int64_t>(T * p.k_slice, p.rows_per_tile * C));
+  p.num_slices = static_cast<int>((K + p.k_slice - 1) / p.k_slice);
+  return p;
+}
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
   switch (args.dtype) {
