@@ -111,3 +111,88 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     reports = "".join(p.read_text()[:3000] for p in sorted(tmp_path.iterdir()))
     assert not reports, f"sanitizer report:\n{reports}"
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+
+
+# Tensor-core (WMMA) kernels of the large-T path: rank buckets (r <= 64: 64-column tiles, 64 < r <= 128: 128),
+# ranks that do not divide the tile, one expert per tile, 64 experts in one tile, unaligned K / N (scalar loads),
+# a T that is not a multiple of the 64-row tile.
+TC_SHAPES = [  # T, K (or N), E, r, seq_len
+    (1, 64, 1, 1, 1),
+    (7, 100, 3, 5, 7),
+    (133, 72, 10, 16, 1),
+    (70, 40, 64, 1, 1),
+    (65, 33, 2, 128, 13),
+    (20, 48, 3, 72, 4),
+    (9, 130, 5, 24, 3),
+]
+
+
+def _shrink(x, A, gates, scaling, seq_len, p=0.0, seed=None):
+    T, K = x.shape
+    E, r, _ = A.shape
+    H = emu.poisoned(T, E * r, dtype=x.dtype)
+    Hg = emu.poisoned(T, E * r, dtype=x.dtype)
+    seed = torch.zeros(1, dtype=torch.int64) if seed is None else seed
+    emu.check(emu.lib().pfk_emu_lora_shrink(emu.DTYPES[x.dtype], emu.ptr(x), emu.ptr(A), emu.ptr(gates),
+                                            emu.ptr(scaling), emu.ptr(seed), emu.ptr(H), emu.ptr(Hg), emu.i64(T),
+                                            emu.i64(K), emu.i32(E), emu.i32(r), emu.i64(seq_len),
+                                            emu.ctypes.c_float(p)), "lora_shrink")
+    return H, Hg
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,K,E,r,seq_len", TC_SHAPES)
+def test_tensor_core_shrink(dtype, T, K, E, r, seq_len):
+    x = torch.randn(T, K).to(dtype)
+    A = (torch.randn(E, r, K) / K**0.5).to(dtype)
+    gates, scaling = _gates(T, E, seq_len)
+    H, Hg = _shrink(x, A, gates, scaling, seq_len)
+    assert_close(H, x.double() @ A.reshape(E * r, K).double().t(), REL_TOL[dtype], "H")
+    torch.testing.assert_close(Hg, TorchGateOps.forward(H, gates, scaling, seq_len), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,K,E,r", [(7, 100, 3, 5), (70, 64, 4, 16)])
+def test_tensor_core_shrink_dropout_matches_the_torch_mask(dtype, T, K, E, r):
+    from personafuse_kernels.ops.dropout import apply_dropout
+
+    x = torch.randn(T, K).to(dtype)
+    A = (torch.randn(E, r, K) / K**0.5).to(dtype)
+    gates, scaling = _gates(T, E, 1)
+    seed = torch.tensor([0x1234_5678_9ABC], dtype=torch.int64)
+    H, _ = _shrink(x, A, gates, scaling, 1, p=0.3, seed=seed)
+    H_ref = apply_dropout(x, seed, 0.3).double() @ A.reshape(E * r, K).double().t()
+    assert_close(H, H_ref, REL_TOL[dtype], "H with dropout")
+    H0, _ = _shrink(x, A, gates, scaling, 1)
+    assert rel_err_big(H, H0), "dropout had no effect"
+
+
+def rel_err_big(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm()) > 0.1
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,N,E,r,seq_len", TC_SHAPES)
+def test_tensor_core_dhg(dtype, T, N, E, r, seq_len):
+    dy = torch.randn(T, N).to(dtype)
+    B = (torch.randn(E, N, r) / N**0.5).to(dtype)
+    H = torch.randn(T, E * r).to(dtype)
+    gates, scaling = _gates(T, E, seq_len)
+    dH = emu.poisoned(T, E * r, dtype=dtype)
+    dg_tok = emu.poisoned(T, E, dtype=torch.float32)
+    dgates = dg_tok if seq_len == 1 else emu.poisoned(T // seq_len, E, dtype=torch.float32)
+
+    def run():
+        emu.check(emu.lib().pfk_emu_lora_dhg(emu.DTYPES[dtype], emu.ptr(dy), emu.ptr(B), emu.ptr(H), emu.ptr(gates),
+                                             emu.ptr(scaling), emu.ptr(dH), emu.ptr(dg_tok), emu.ptr(dgates),
+                                             emu.i64(T), emu.i64(N), emu.i32(E), emu.i32(r), emu.i64(seq_len)),
+                  "lora_dhg")
+        return dH.clone(), dgates.clone()
+
+    dH1, dg1 = run()
+    dHg = (dy.double() @ _b_cat(B).double()).to(dtype)  # the reference's dHg, rounded as torch's GEMM rounds it
+    dH_ref, dg_ref = TorchGateOps.backward(dHg, H, gates, scaling, seq_len)
+    assert_close(dH1, dH_ref.double(), REL_TOL[dtype], "dH")
+    assert_close(dg1, dg_ref.double(), REL_TOL[dtype], "dgates")
+    dH2, dg2 = run()
+    assert torch.equal(dH1, dH2) and torch.equal(dg1, dg2), "lora_dhg must be deterministic"

@@ -6,19 +6,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "pfk_device.cuh"
 #include "pfk_gate.h"
 #include "pfk_launch.cuh"
 
 namespace personafuse {
 namespace {
-
-__device__ __forceinline__ float load_acc(const float* p) { return *p; }
-__device__ __forceinline__ float load_acc(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load_acc(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 constexpr int kThreads = 256;
 
@@ -34,7 +27,7 @@ __global__ void gate_forward_kernel(const T* __restrict__ H, const float* __rest
     const int64_t t = i / width;
     const int64_t e = (i - t * width) / r;
     const A g = static_cast<A>(gates[(t / seq_len) * E + e]) * static_cast<A>(scaling[e]);
-    store(Hg + i, load_acc(H + i) * g);
+    Hg[i] = from_float<T>(to_float(H[i]) * g);
   }
 }
 
@@ -54,9 +47,9 @@ __global__ void gate_backward_kernel(const T* __restrict__ dHg, const T* __restr
     const int64_t base = i * r;  // == t * E * r + e * r
     A acc = 0;
     for (int64_t j = 0; j < r; ++j) {
-      const A d = load_acc(dHg + base + j);
-      acc += d * load_acc(H + base + j);
-      store(dH + base + j, d * g);
+      const A d = to_float(dHg[base + j]);
+      acc += d * to_float(H[base + j]);
+      dH[base + j] = from_float<T>(d * g);
     }
     dg_tok[i] = static_cast<float>(acc * s);
   }
@@ -104,12 +97,17 @@ cudaError_t gate_backward_impl(const void* dHg, const void* H, const float* gate
                                   static_cast<const T*>(dHg), static_cast<const T*>(H), gates, scaling,
                                   static_cast<T*>(dH), dg_tok, T_, E, r, seq_len);
   if (err != cudaSuccess || seq_len == 1) return err;
-  const int64_t num_seq = T_ / seq_len;
-  return launch_kernel(sequence_sum_kernel, dim3(static_cast<unsigned>(num_seq * E)), dim3(kThreads), 0, stream,
-                       dg_tok, dgates, E, seq_len);
+  return launch_sequence_sum(dg_tok, dgates, T_ / seq_len, E, seq_len, stream);
 }
 
 }  // namespace
+
+cudaError_t launch_sequence_sum(const float* dg_tok, float* dgates, int64_t num_seq, int64_t E, int64_t seq_len,
+                                cudaStream_t stream) {
+  if (num_seq * E == 0) return cudaSuccess;
+  return launch_kernel(sequence_sum_kernel, dim3(static_cast<unsigned>(num_seq * E)), dim3(kThreads), 0, stream,
+                       dg_tok, dgates, E, seq_len);
+}
 
 cudaError_t launch_gate_forward(DType dtype, const void* H, const float* gates, const float* scaling, void* Hg,
                                 int64_t T, int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream) {

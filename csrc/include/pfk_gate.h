@@ -24,4 +24,8 @@ cudaError_t launch_gate_backward(DType dtype, const void* dHg, const void* H, co
                                  const float* scaling, void* dH, float* dg_tok, float* dgates, int64_t T,
                                  int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream);
 
+// dgates[s, e] = sum_{k < seq_len} dg_tok[s * seq_len + k, e], one block per (s, e), fixed order.
+cudaError_t launch_sequence_sum(const float* dg_tok, float* dgates, int64_t num_seq, int64_t E, int64_t seq_len,
+                                cudaStream_t stream);
+
 }  // namespace personafuse

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "pfk_device.cuh"
 #include "pfk_launch.cuh"
 #include "pfk_lora.h"
 
@@ -26,25 +27,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerPass = 8;  // tokens accumulated in registers at once
-
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void from_float(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void from_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// 8 consecutive elements as floats: one 16-byte load when VEC, else 8 scalar loads.
-template <typename T, bool VEC>
-__device__ __forceinline__ void load8(const T* p, float out[8]) {
-  if constexpr (VEC) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = to_float(v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = to_float(p[i]);
-  }
-}
 
 // (kThreads, 2): at least 2 blocks per SM, which lets ptxas use up to 128 registers; with the default it chose 64
 // on sm_80 and spilled (tests/test_cuda_resources.py checks for spills).
@@ -113,9 +95,9 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(
     const int t = static_cast<int>(i / C), c = static_cast<int>(i - (int64_t)t * C);
     float sum = 0.f;
     for (int s = 0; s < num_slices; ++s) sum += partial[(int64_t)s * T_ * C + i];
-    from_float(H + i, sum);
+    H[i] = from_float<T>(sum);
     const int e = c / r;
-    Hg[i] = to_float(H[i]) * scaling[e] * gates[(t / seq_len) * E + e];
+    Hg[i] = to_float(H[i]) * (gates[(t / seq_len) * E + e] * scaling[e]);  // torch's order: H * (g * s)
   }
   grid.sync();
 
@@ -159,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(
           for (int tt = 0; tt < kRowsPerPass; ++tt) {
             if (t0 + tt < rows) {
               T* out = y + (int64_t)(t_tile + t0 + tt) * N + n;
-              from_float(out, to_float(*out) + acc[tt]);
+              *out = from_float<T>(to_float(*out) + acc[tt]);
             }
           }
         }

@@ -60,4 +60,18 @@ int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* A,
   return launch_lora_decode(a, nullptr);
 }
 
+int pfk_emu_lora_shrink(int dtype, const void* x, const void* A, const float* gates, const float* scaling,
+                        const int64_t* seed, void* H, void* Hg, int64_t T, int64_t K, int E, int r, int64_t seq_len,
+                        float dropout_p) {
+  const ShrinkArgs a{static_cast<DType>(dtype), x, A, gates, scaling, seed, H, Hg, T, K, E, r, seq_len, dropout_p};
+  return launch_lora_shrink(a, nullptr);
+}
+
+int pfk_emu_lora_dhg(int dtype, const void* dy, const void* B, const void* H, const float* gates,
+                     const float* scaling, void* dH, float* dg_tok, float* dgates, int64_t T, int64_t N, int E, int r,
+                     int64_t seq_len) {
+  const DhgArgs a{static_cast<DType>(dtype), dy, B, H, gates, scaling, dH, dg_tok, dgates, T, N, E, r, seq_len};
+  return launch_lora_dhg(a, nullptr);
+}
+
 }  // extern "C"

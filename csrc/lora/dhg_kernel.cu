@@ -1,0 +1,122 @@
+// Backward of the LoRA branch's gate, fused into the GEMM that produces its input, on tensor cores:
+//   dHg[t, c]   = sum_n dy[t, n] B[e, n, j]                         c = e * r + j, lora_B [E, N, r]
+//   dH[t, c]    = round(dHg[t, c]) * (gates[t / seq_len, e] * scaling[e])
+//   dg_tok[t, e] = scaling[e] * sum_j round(dHg[t, e * r + j]) * H[t, e * r + j]
+// dHg itself is never written: dB is computed from Hg, and dA, dx from dH. A column tile holds whole experts,
+// so dg_tok[t, e] is one fixed-order sum in one thread (deterministic, no atomics). Per-sequence gates then
+// sum dg_tok over each sequence in a second, fixed-order kernel (gate_kernels.cu).
+#include "pfk_gate.h"
+#include "pfk_launch.cuh"
+#include "pfk_lora.h"
+#include "skinny_mma.cuh"
+
+namespace personafuse {
+namespace {
+
+// Qs[kk][j] = B[e0 + j / r, k0 + kk, j % r] for j < cols (whole experts), zero elsewhere. vec: r % 8 == 0 and B
+// 16-byte aligned, so 8 columns starting at a multiple of 8 lie in one expert and are contiguous.
+template <typename T, int BN>
+__device__ __forceinline__ void load_b_tile(const T* __restrict__ B, int64_t N, int r, int e0, int cols, int64_t k0,
+                                            T* Qs, bool vec) {
+  using Tile = SkinnyTile<BN>;
+  constexpr int kChunksPerRow = BN / 8;
+  for (int chunk = threadIdx.x; chunk < Tile::BK * kChunksPerRow; chunk += Tile::kThreads) {
+    const int kk = chunk / kChunksPerRow;
+    const int j0 = (chunk - kk * kChunksPerRow) * 8;
+    const int64_t n = k0 + kk;
+    float v[8];
+    if (vec && n < N && j0 + 8 <= cols) {
+      load8<T, true>(B + (static_cast<int64_t>(e0 + j0 / r) * N + n) * r + j0 % r, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int j = j0 + i;
+        v[i] = (n < N && j < cols) ? to_float(B[(static_cast<int64_t>(e0 + j / r) * N + n) * r + j % r]) : 0.f;
+      }
+    }
+    T* out = Qs + kk * Tile::LDQ_C + j0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
+  }
+}
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_dhg_kernel(
+    const T* __restrict__ dy,           // [T, N]
+    const T* __restrict__ B,            // [E, N, r]
+    const T* __restrict__ H,            // [T, C]
+    const float* __restrict__ gates,    // [T / seq_len, E]
+    const float* __restrict__ scaling,  // [E]
+    T* __restrict__ dH,                 // [T, C]
+    float* __restrict__ dg_tok,         // [T, E]
+    int64_t T_, int64_t N, int E, int r, int64_t seq_len, bool vec_dy, bool vec_b) {
+  using Tile = SkinnyTile<BN>;
+  PFK_DYNAMIC_SMEM(unsigned char, smem);
+  const int64_t C = static_cast<int64_t>(E) * r;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Tile::BM;
+  const int ept = experts_per_tile<BN>(r);
+  const int e0 = blockIdx.y * ept;
+  const int experts = E - e0 < ept ? E - e0 : ept;
+  const int cols = experts * r;
+  const int64_t c0 = static_cast<int64_t>(e0) * r;
+  const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
+
+  skinny_mma<T, BN, nvcuda::wmma::row_major>(N, smem, [&](int64_t k0, T* Ps, T* Qs) {
+    load_k_tile<T, Tile::BK, Tile::LDP, Tile::kThreads>(dy, m0, rows, Tile::BM, N, k0, Ps, vec_dy, 0, 0.f, 1.f);
+    load_b_tile<T, BN>(B, N, r, e0, cols, k0, Qs, vec_b);
+  });
+
+  const float* Cs = reinterpret_cast<const float*>(smem);
+  for (int i = threadIdx.x; i < rows * cols; i += Tile::kThreads) {
+    const int row = i / cols, col = i - row * cols;
+    const int64_t t = m0 + row, c = c0 + col;
+    const int e = static_cast<int>(c / r);
+    const float d = round_to<T>(Cs[row * Tile::LDC + col]);
+    dH[t * C + c] = from_float<T>(d * (gates[(t / seq_len) * E + e] * scaling[e]));
+  }
+  for (int i = threadIdx.x; i < rows * experts; i += Tile::kThreads) {
+    const int row = i / experts, local = i - row * experts;
+    const int64_t t = m0 + row;
+    const int e = e0 + local;
+    const float* d = Cs + row * Tile::LDC + local * r;
+    const T* h = H + t * C + static_cast<int64_t>(e) * r;
+    float acc = 0.f;
+    for (int j = 0; j < r; ++j) acc += round_to<T>(d[j]) * to_float(h[j]);
+    dg_tok[t * E + e] = acc * scaling[e];
+  }
+}
+
+template <typename T, int BN>
+cudaError_t launch_bn(const DhgArgs& a, cudaStream_t stream) {
+  using Tile = SkinnyTile<BN>;
+  const int ept = experts_per_tile<BN>(a.r);
+  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM), static_cast<unsigned>((a.E + ept - 1) / ept));
+  const bool vec_dy = a.N % 8 == 0 && aligned16(a.dy);
+  const bool vec_b = a.r % 8 == 0 && aligned16(a.B);
+  return launch_kernel(lora_dhg_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::smem_bytes(sizeof(T)), stream,
+                       static_cast<const T*>(a.dy), static_cast<const T*>(a.B), static_cast<const T*>(a.H), a.gates,
+                       a.scaling, static_cast<T*>(a.dH), a.dg_tok, a.T, a.N, a.E, a.r, a.seq_len, vec_dy, vec_b);
+}
+
+template <typename T>
+cudaError_t launch_typed(const DhgArgs& a, cudaStream_t stream) {
+  return a.r <= 64 ? launch_bn<T, 64>(a, stream) : launch_bn<T, 128>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_lora_dhg(const DhgArgs& args, cudaStream_t stream) {
+  if (args.T == 0) return cudaSuccess;
+  if (args.r < 1 || args.r > kTensorCoreMaxRank || args.E < 1 || args.N < 1 || args.seq_len < 1)
+    return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat16: err = launch_typed<__half>(args, stream); break;
+    case DType::kBFloat16: err = launch_typed<__nv_bfloat16>(args, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || args.seq_len == 1) return err;
+  return launch_sequence_sum(args.dg_tok, args.dgates, args.T / args.seq_len, args.E, args.seq_len, stream);
+}
+
+}  // namespace personafuse

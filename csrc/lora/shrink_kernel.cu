@@ -1,0 +1,83 @@
+// Forward shrink of the large-T path, on tensor cores, with dropout on load and the gate in the epilogue:
+//   H[t, c]  = sum_k drop(x)[t, k] A_cat[c, k]                    A_cat = lora_A viewed [C, K], C = E * r
+//   Hg[t, c] = H[t, c] * (gates[t / seq_len, e] * scaling[e])     e = c / r, H rounded to its dtype first
+// Both are written in x's dtype: H is kept for backward, Hg feeds the expand (a cuBLAS GEMM accumulating into the
+// base output). drop(x) is never stored: the mask comes from philox(seed, t * K + k) as in ops/dropout.py.
+#include "pfk_launch.cuh"
+#include "pfk_lora.h"
+#include "skinny_mma.cuh"
+
+namespace personafuse {
+namespace {
+
+template <typename T, int BN>
+__global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_shrink_kernel(
+    const T* __restrict__ x,            // [T, K]
+    const T* __restrict__ A,            // [C, K]
+    const float* __restrict__ gates,    // [T / seq_len, E]
+    const float* __restrict__ scaling,  // [E]
+    const int64_t* __restrict__ seed,   // [1] on the device, read when p > 0
+    T* __restrict__ H,                  // [T, C]
+    T* __restrict__ Hg,                 // [T, C]
+    int64_t T_, int64_t K, int E, int r, int64_t seq_len, bool vec, float p, float scale) {
+  using Tile = SkinnyTile<BN>;
+  PFK_DYNAMIC_SMEM(unsigned char, smem);
+  const int64_t C = static_cast<int64_t>(E) * r;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Tile::BM;
+  const int e0 = blockIdx.y * experts_per_tile<BN>(r);
+  const int64_t c0 = static_cast<int64_t>(e0) * r;
+  const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
+  const int width_tile = experts_per_tile<BN>(r) * r;
+  const int cols = static_cast<int>(C - c0 < width_tile ? C - c0 : width_tile);
+  const uint64_t s = p > 0.f ? static_cast<uint64_t>(*seed) : 0;
+
+  skinny_mma<T, BN, nvcuda::wmma::col_major>(K, smem, [&](int64_t k0, T* Ps, T* Qs) {
+    load_k_tile<T, Tile::BK, Tile::LDP, Tile::kThreads>(x, m0, rows, Tile::BM, K, k0, Ps, vec, s, p, scale);
+    load_k_tile<T, Tile::BK, Tile::LDQ_K, Tile::kThreads>(A, c0, cols, BN, K, k0, Qs, vec, 0, 0.f, 1.f);
+  });
+
+  const float* Cs = reinterpret_cast<const float*>(smem);
+  for (int i = threadIdx.x; i < rows * cols; i += Tile::kThreads) {
+    const int row = i / cols, col = i - row * cols;
+    const int64_t t = m0 + row, c = c0 + col;
+    const int e = static_cast<int>(c / r);
+    const float h = round_to<T>(Cs[row * Tile::LDC + col]);
+    H[t * C + c] = from_float<T>(h);
+    Hg[t * C + c] = from_float<T>(h * (gates[(t / seq_len) * E + e] * scaling[e]));
+  }
+}
+
+template <typename T, int BN>
+cudaError_t launch_bn(const ShrinkArgs& a, cudaStream_t stream) {
+  using Tile = SkinnyTile<BN>;
+  const int ept = experts_per_tile<BN>(a.r);
+  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM), static_cast<unsigned>((a.E + ept - 1) / ept));
+  const bool vec = a.K % 8 == 0 && aligned16(a.x) && aligned16(a.A);
+  const float p = a.dropout_p;
+  const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
+  return launch_kernel(lora_shrink_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::smem_bytes(sizeof(T)), stream,
+                       static_cast<const T*>(a.x), static_cast<const T*>(a.A), a.gates, a.scaling, a.seed,
+                       static_cast<T*>(a.H), static_cast<T*>(a.Hg), a.T, a.K, a.E, a.r, a.seq_len, vec, p, scale);
+}
+
+// Two instantiations per dtype: rank up to 64 (64-column tiles) and up to 128 (128-column tiles).
+template <typename T>
+cudaError_t launch_typed(const ShrinkArgs& a, cudaStream_t stream) {
+  return a.r <= 64 ? launch_bn<T, 64>(a, stream) : launch_bn<T, 128>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_lora_shrink(const ShrinkArgs& args, cudaStream_t stream) {
+  if (args.T == 0) return cudaSuccess;
+  if (args.r < 1 || args.r > kTensorCoreMaxRank || args.E < 1 || args.K < 1 || args.seq_len < 1 ||
+      !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
+    return cudaErrorInvalidValue;
+  switch (args.dtype) {
+    case DType::kFloat16: return launch_typed<__half>(args, stream);
+    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace personafuse
