@@ -166,6 +166,85 @@ at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
   return H;
 }
 
+void check_low_precision_operands(const at::Tensor& ref, std::initializer_list<const at::Tensor*> same_dtype,
+                                  const char* op) {
+  TORCH_CHECK(ref.scalar_type() == at::kHalf || ref.scalar_type() == at::kBFloat16, op,
+              " supports float16 and bfloat16, got ", ref.scalar_type());
+  for (const at::Tensor* t : same_dtype) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": every operand must have dtype ", ref.scalar_type(),
+                ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == ref.device(), op, ": every operand must be on ", ref.device(), ", got ", t->device());
+  }
+}
+
+void check_rank(int64_t r, const char* op) {
+  TORCH_CHECK(r >= 1 && r <= kTensorCoreMaxRank, op, " supports ranks 1 to ", kTensorCoreMaxRank, ", got ", r);
+}
+
+// Large-T forward shrink on tensor cores: (H, Hg), H = drop(x) A_cat^T, Hg = H * (gates * scaling).
+std::tuple<at::Tensor, at::Tensor> lora_shrink(const at::Tensor& x,        // [T, K]
+                                               const at::Tensor& lora_A,   // [E, r, K]
+                                               const at::Tensor& gates,    // [T / seq_len, E] float32
+                                               const at::Tensor& scaling,  // [E] float32
+                                               const at::Tensor& seed,     // int64 [1] (or [0] when p == 0)
+                                               int64_t seq_len, double dropout_p) {
+  PFK_CHECK_INPUT(x);
+  PFK_CHECK_INPUT(lora_A);
+  PFK_CHECK_DIM(x, 2);
+  PFK_CHECK_DIM(lora_A, 3);
+  const int64_t T = x.size(0), K = x.size(1), E = lora_A.size(0), r = lora_A.size(1);
+  PFK_CHECK_SHAPE(lora_A, E, r, K);
+  check_rank(r, "lora_shrink");
+  check_low_precision_operands(x, {&lora_A}, "lora_shrink");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p > 0.0) {
+    PFK_CHECK_CUDA(seed);
+    PFK_CHECK_DTYPE(seed, at::kLong);
+    TORCH_CHECK(seed.numel() >= 1 && seed.device() == x.device(), "dropout needs a one-element int64 seed on ",
+                x.device());
+  }
+  at::Tensor H = at::empty({T, E * r}, x.options());
+  check_gate_args(H, gates, scaling, E, seq_len);
+  at::Tensor Hg = at::empty_like(H);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const ShrinkArgs a{to_dtype(x, "x"), x.data_ptr(), lora_A.data_ptr(), gates.data_ptr<float>(),
+                     scaling.data_ptr<float>(), dropout_p > 0.0 ? seed.data_ptr<int64_t>() : nullptr, H.data_ptr(),
+                     Hg.data_ptr(), T, K, static_cast<int>(E), static_cast<int>(r), seq_len,
+                     static_cast<float>(dropout_p)};
+  const cudaError_t err = launch_lora_shrink(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse lora_shrink launch failed: ", cudaGetErrorString(err));
+  return {H, Hg};
+}
+
+// Large-T backward of the gate fused with dHg = dy B_cat on tensor cores: (dH, dgates).
+std::tuple<at::Tensor, at::Tensor> lora_dhg(const at::Tensor& dy,       // [T, N]
+                                            const at::Tensor& lora_B,   // [E, N, r]
+                                            const at::Tensor& H,        // [T, E * r]
+                                            const at::Tensor& gates,    // [T / seq_len, E] float32
+                                            const at::Tensor& scaling,  // [E] float32
+                                            int64_t seq_len) {
+  PFK_CHECK_INPUT(dy);
+  PFK_CHECK_INPUT(lora_B);
+  PFK_CHECK_DIM(dy, 2);
+  PFK_CHECK_DIM(lora_B, 3);
+  const int64_t T = dy.size(0), N = dy.size(1), E = lora_B.size(0), r = lora_B.size(2);
+  PFK_CHECK_SHAPE(lora_B, E, N, r);
+  check_rank(r, "lora_dhg");
+  check_gate_args(H, gates, scaling, E, seq_len);
+  PFK_CHECK_SHAPE(H, T, E * r);
+  check_low_precision_operands(dy, {&lora_B, &H}, "lora_dhg");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  at::Tensor dH = at::empty_like(H);
+  at::Tensor dgates = at::empty({T / seq_len, E}, gates.options());
+  at::Tensor dg_tok = seq_len == 1 ? dgates : at::empty({T, E}, gates.options());
+  const DhgArgs a{to_dtype(dy, "dy"), dy.data_ptr(), lora_B.data_ptr(), H.data_ptr(), gates.data_ptr<float>(),
+                  scaling.data_ptr<float>(), dH.data_ptr(), dg_tok.data_ptr<float>(), dgates.data_ptr<float>(), T, N,
+                  static_cast<int>(E), static_cast<int>(r), seq_len};
+  const cudaError_t err = launch_lora_dhg(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse lora_dhg launch failed: ", cudaGetErrorString(err));
+  return {dH, dgates};
+}
+
 }  // namespace
 }  // namespace personafuse
 
@@ -174,12 +253,17 @@ TORCH_LIBRARY(personafuse, m) {
   m.def("gate_backward(Tensor dHg, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
   m.def("lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
         "int seq_len) -> Tensor");
+  m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor gates, Tensor scaling, Tensor seed, int seq_len, "
+        "float dropout_p) -> (Tensor, Tensor)");
+  m.def("lora_dhg(Tensor dy, Tensor lora_B, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(personafuse, CUDA, m) {
   m.impl("gate_forward", &personafuse::gate_forward);
   m.impl("gate_backward", &personafuse::gate_backward);
   m.impl("lora_decode_", &personafuse::lora_decode_);
+  m.impl("lora_shrink", &personafuse::lora_shrink);
+  m.impl("lora_dhg", &personafuse::lora_dhg);
 }
 
 // A Python module with no functions: importing personafuse_kernels._C loads the library and runs the

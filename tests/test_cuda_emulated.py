@@ -196,3 +196,15 @@ def test_tensor_core_dhg(dtype, T, N, E, r, seq_len):
     assert_close(dg1, dg_ref.double(), REL_TOL[dtype], "dgates")
     dH2, dg2 = run()
     assert torch.equal(dH1, dH2) and torch.equal(dg1, dg2), "lora_dhg must be deterministic"
+
+
+def test_cuda_philox_is_the_torch_philox():
+    """csrc's philox_uniform (dropout inside the CUDA kernels) is bit-identical to ops/dropout.py and tl.rand,
+    also for offsets past 2**32 (the counter's high word)."""
+    from personafuse_kernels.ops.dropout import philox_uniform
+
+    for seed, off0 in [(0, 0), (0x1234_5678_9ABC, 3_000_000_000), (2**62 - 1, 2**40 + 17)]:
+        out = torch.empty(1000)
+        emu.lib().pfk_emu_philox(emu.ctypes.c_uint64(seed), emu.ctypes.c_uint64(off0), emu.i64(1000), emu.ptr(out))
+        ref = philox_uniform(torch.tensor([seed]), torch.arange(1000, dtype=torch.int64) + off0)
+        assert torch.equal(out, ref), (seed, off0)

@@ -10,7 +10,7 @@ from personafuse_kernels.ops.routed_lora_torch import TorchGateOps
 
 from conftest import requires_cuda
 
-OPS = ("gate_forward", "gate_backward", "lora_decode_")
+OPS = ("gate_forward", "gate_backward", "lora_decode_", "lora_shrink", "lora_dhg")
 
 
 def _built() -> bool:
@@ -133,3 +133,76 @@ def test_decode_kernel_matches_torch_backend(dtype, T, K, N, E, r, seq_len):
     torch.testing.assert_close(H, H_ref, rtol=2e-2, atol=2e-2)
     y2, _ = routed_lora_cuda.forward(x, W, b, A, B, gates, s, seed, seq_len, 0.0)
     assert torch.equal(y, y2), "the decode kernel must be deterministic"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,K,N,E,r,gate_mode,dropout_p", [
+    (133, 45, 33, 10, 16, "token", 0.0),
+    (1024, 256, 320, 10, 16, "sequence", 0.0),
+    (700, 96, 72, 64, 2, "token", 0.3),
+    (300, 40, 50, 2, 128, "single", 0.0),
+    (97, 130, 66, 5, 24, "token", 0.1),
+    (65, 64, 64, 1, 1, "sequence", 0.0),
+])
+def test_tensor_core_path_within_3x_of_torch_same_dtype(dtype, T, K, N, E, r, gate_mode, dropout_p):
+    """The cuda backend's large-T path (tensor-core shrink and dHg kernels + cuBLAS): output and every gradient
+    within 3x the error of the same-dtype torch backend against float64 (STYLE.md's rule), same dropout mask."""
+    from conftest import rel_err
+    from helpers import backward_grads, make_inputs
+
+    from personafuse_kernels.ops import routed_lora_cuda
+
+    if "cuda" not in pfk.available_backends():
+        pytest.skip(str(pfk.unavailable_reasons().get("cuda")))
+    inputs = make_inputs(T, K, N, E, r, dtype=dtype, device="cuda", gate_mode=gate_mode, gate_dtype=torch.float32,
+                         batch=2 if gate_mode == "sequence" else None)
+    x2 = inputs["x"].reshape(-1, K)
+    assert routed_lora_cuda.use_tensor_core_kernels(x2, r) and not (
+        dropout_p == 0.0 and routed_lora_cuda.use_decode_kernel(x2, inputs["lora_A"], 0.0))
+    scaling = torch.linspace(0.5, 2.0, E, device="cuda")
+
+    def run(backend, leaves, dy=None):
+        torch.manual_seed(5)  # the same dropout seed for every backend
+        y = pfk.routed_lora(leaves["x"], leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+                            leaves["gates"], scaling=scaling, dropout_p=dropout_p, backend=backend)
+        dy = torch.randn_like(y) if dy is None else dy
+        return y, backward_grads(y, leaves, dy.to(y.dtype)), dy
+
+    def copy(dt=None):
+        return {k: (None if v is None else v.detach().to(dt or v.dtype).requires_grad_(True))
+                for k, v in inputs.items()}
+
+    y, g, dy = run("cuda", copy())
+    y_lp, g_lp, _ = run("torch", copy(), dy)
+    y64, g64, _ = run("torch", copy(torch.float64), dy)
+    assert y.dtype == dtype
+    assert rel_err(y, y64) <= 3 * rel_err(y_lp, y64) + 1e-4
+    for name, ref in g64.items():
+        assert rel_err(g[name], ref) <= 3 * rel_err(g_lp[name], ref) + 1e-4, name
+    y2, g2, _ = run("cuda", copy(), dy)
+    assert torch.equal(y, y2) and all(torch.equal(g[k], g2[k]) for k in g), "the cuda path must be deterministic"
+
+
+@requires_cuda
+def test_tensor_core_kernels_reject_bad_input():
+    load_extension()
+    x = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+    A = torch.randn(2, 4, 16, device="cuda", dtype=torch.bfloat16)
+    gates = torch.rand(8, 2, device="cuda")
+    s = torch.ones(2, device="cuda")
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    op = torch.ops.personafuse.lora_shrink
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        op(x.float(), A.float(), gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(x, A.half(), gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="ranks 1 to 128"):
+        op(x, torch.randn(2, 129, 16, device="cuda", dtype=torch.bfloat16), gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        op(x, A, gates, s, seed, 1, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(x.t().contiguous().t(), A, gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.personafuse.lora_dhg(x, torch.randn(2, 15, 4, device="cuda", dtype=torch.bfloat16),
+                                       torch.randn(8, 8, device="cuda", dtype=torch.bfloat16), gates, s, 1)

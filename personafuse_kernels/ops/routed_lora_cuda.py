@@ -1,13 +1,19 @@
 """The ``cuda`` backend: personafuse_kernels._C kernels plus cuBLAS GEMMs (through torch).
 
-Same math and signatures as ops/routed_lora_torch.py, whose stacked forward/backward it reuses with the gate
-step swapped for the compiled kernels (csrc/gate/gate_kernels.cu). Decode-sized forwards (T <= 64, fp16/bf16,
-no dropout) run the LoRA branch as one cooperative launch on top of the cuBLAS base output
-(csrc/lora/decode_kernel.cu). dtypes: float32, float16, bfloat16 on CUDA tensors.
+Same math and signatures as ops/routed_lora_torch.py, whose forward/backward flow it reuses with its own
+kernels swapped in (CudaGateOps):
+  - decode-sized forwards (T <= 64, fp16/bf16, no dropout): the whole LoRA branch in one cooperative launch on
+    top of the cuBLAS base output (csrc/lora/decode_kernel.cu);
+  - otherwise, fp16/bf16 with r <= 128: the two narrow GEMMs on tensor cores with the gate fused into their
+    epilogues, shrink (dropout on load) -> (H, Hg) and dHg -> (dH, dgates) (csrc/lora/shrink_kernel.cu,
+    dhg_kernel.cu); the wide GEMMs (base, expand accumulated into the base output, dA, dB, dx) in cuBLAS;
+  - float32, or r > 128: cuBLAS GEMMs with the gate kernels (csrc/gate/gate_kernels.cu).
+PERSONAFUSE_CUDA_TENSOR_CORES=0 turns the tensor-core kernels off (the cuBLAS + gate-kernel path instead).
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -15,9 +21,15 @@ from .._extension import require_extension
 from . import routed_lora_torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TENSOR_CORE_MAX_RANK = 128  # csrc/include/pfk_lora.h kTensorCoreMaxRank
 
 
-class CudaGateOps:
+def use_tensor_core_kernels(x: torch.Tensor, r: int) -> bool:
+    return (x.dtype in (torch.float16, torch.bfloat16) and r <= TENSOR_CORE_MAX_RANK
+            and os.environ.get("PERSONAFUSE_CUDA_TENSOR_CORES", "1") != "0")
+
+
+class CudaGateOps(routed_lora_torch.TorchGateOps):
     @staticmethod
     def forward(H, gates, scaling, seq_len: int):
         require_extension()
@@ -29,6 +41,22 @@ class CudaGateOps:
         return torch.ops.personafuse.gate_backward(
             dHg.contiguous(), H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len
         )
+
+    @classmethod
+    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float):
+        if not use_tensor_core_kernels(x, lora_A.shape[1]):
+            return super().shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)
+        require_extension()
+        return torch.ops.personafuse.lora_shrink(x.contiguous(), lora_A.contiguous(), gates.float().contiguous(),
+                                                 scaling.float().contiguous(), seed, seq_len, dropout_p)
+
+    @classmethod
+    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
+        if not use_tensor_core_kernels(dy, lora_B.shape[2]):
+            return super().dhg_backward(dy, lora_B, H, gates, scaling, seq_len)
+        require_extension()
+        return torch.ops.personafuse.lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(),
+                                              gates.float().contiguous(), scaling.float().contiguous(), seq_len)
 
 
 DECODE_MAX_TOKENS = 64  # csrc/personafuse_ops.cpp kDecodeMaxTokens

@@ -30,7 +30,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class TorchGateOps:
-    """Gate step in torch ops. The cuda backend swaps in its kernels; everything else is shared."""
+    """The gate step, and the two narrow GEMMs it fuses into, in torch ops.
+
+    The cuda backend subclasses this with its kernels (gate kernels; tensor-core shrink and dHg kernels that
+    fuse the gate into their epilogues); the wide GEMMs and the flow of forward/backward below are shared.
+    """
 
     @staticmethod
     def forward(H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -54,6 +58,18 @@ class TorchGateOps:
         dgates = dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)
         return dH, dgates
 
+    @classmethod
+    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float):
+        """(H, Hg): H = drop(x) A_cat^T [T, E*r], Hg its gated copy."""
+        E, r, K = lora_A.shape
+        H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()
+        return H, cls.forward(H, gates, scaling, seq_len)
+
+    @classmethod
+    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
+        """(dH, dgates) from dy [T, N] through dHg = dy B_cat and the gate's backward."""
+        return cls.backward(dy @ _b_cat(lora_B), H, gates, scaling, seq_len)
+
 
 def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
     E, N, r = lora_B.shape
@@ -63,9 +79,7 @@ def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
             gate_ops=TorchGateOps):
     """Returns (y [T, N], H [T, E*r]); H is kept for backward."""
-    E, r, K = lora_A.shape
-    H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()  # [T, E*r]
-    Hg = gate_ops.forward(H, gates, scaling, seq_len)
+    H, Hg = gate_ops.shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)  # [T, E*r] each
     y = torch.addmm(F.linear(x, weight, bias), Hg, _b_cat(lora_B).t())  # [T, N]
     return y, H
 
@@ -79,13 +93,11 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
     T, N = dy.shape
     E, r, K = lora_A.shape
-    B_cat = _b_cat(lora_B)
-    dHg = dy @ B_cat  # [T, E*r]
     dB = dy.new_empty(0)  # every unwanted gradient is its own empty tensor: op outputs must not alias
     if need_dB:
         Hg = gate_ops.forward(H, gates, scaling, seq_len)
         dB = (dy.t() @ Hg).view(N, E, r).permute(1, 0, 2).contiguous()  # [E, N, r]
-    dH, dgates = gate_ops.backward(dHg, H, gates, scaling, seq_len)
+    dH, dgates = gate_ops.dhg_backward(dy, lora_B, H, gates, scaling, seq_len)  # via dHg = dy B_cat [T, E*r]
     dA = dy.new_empty(0)
     if need_dA:
         dA = (dH.t() @ apply_dropout(x, seed, dropout_p)).view(E, r, K)  # [E, r, K]

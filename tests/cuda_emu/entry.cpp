@@ -2,6 +2,7 @@
 // Pointers are CPU tensors' data; the return value is the launcher's cudaError_t.
 #include <string>
 
+#include "pfk_device.cuh"
 #include "pfk_gate.h"
 #include "pfk_lora.h"
 
@@ -72,6 +73,10 @@ int pfk_emu_lora_dhg(int dtype, const void* dy, const void* B, const void* H, co
                      int64_t seq_len) {
   const DhgArgs a{static_cast<DType>(dtype), dy, B, H, gates, scaling, dH, dg_tok, dgates, T, N, E, r, seq_len};
   return launch_lora_dhg(a, nullptr);
+}
+
+void pfk_emu_philox(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(seed, offset0 + static_cast<uint64_t>(i));
 }
 
 }  // extern "C"
