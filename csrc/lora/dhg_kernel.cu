@@ -53,9 +53,10 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_dhg_kernel(
   using Tile = SkinnyTile<BN>;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
   const int64_t C = static_cast<int64_t>(E) * r;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Tile::BM;
+  const TileIndex tile = tile_index_for<BN>(r, E);
+  const int64_t m0 = tile.row * Tile::BM;
   const int ept = experts_per_tile<BN>(r);
-  const int e0 = blockIdx.y * ept;
+  const int e0 = tile.col * ept;
   const int experts = E - e0 < ept ? E - e0 : ept;
   const int cols = experts * r;
   const int64_t c0 = static_cast<int64_t>(e0) * r;
@@ -90,7 +91,7 @@ template <typename T, int BN>
 cudaError_t launch_bn(const DhgArgs& a, cudaStream_t stream) {
   using Tile = SkinnyTile<BN>;
   const int ept = experts_per_tile<BN>(a.r);
-  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM), static_cast<unsigned>((a.E + ept - 1) / ept));
+  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM * ((a.E + ept - 1) / ept)));
   const bool vec_dy = a.N % 8 == 0 && aligned16(a.dy);
   const bool vec_b = a.r % 8 == 0 && aligned16(a.B);
   return launch_kernel(lora_dhg_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::smem_bytes(sizeof(T)), stream,

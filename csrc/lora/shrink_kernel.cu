@@ -23,8 +23,9 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_shrink_kernel(
   using Tile = SkinnyTile<BN>;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
   const int64_t C = static_cast<int64_t>(E) * r;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * Tile::BM;
-  const int e0 = blockIdx.y * experts_per_tile<BN>(r);
+  const TileIndex tile = tile_index_for<BN>(r, E);
+  const int64_t m0 = tile.row * Tile::BM;
+  const int e0 = tile.col * experts_per_tile<BN>(r);
   const int64_t c0 = static_cast<int64_t>(e0) * r;
   const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
   const int width_tile = experts_per_tile<BN>(r) * r;
@@ -51,7 +52,7 @@ template <typename T, int BN>
 cudaError_t launch_bn(const ShrinkArgs& a, cudaStream_t stream) {
   using Tile = SkinnyTile<BN>;
   const int ept = experts_per_tile<BN>(a.r);
-  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM), static_cast<unsigned>((a.E + ept - 1) / ept));
+  const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM * ((a.E + ept - 1) / ept)));
   const bool vec = a.K % 8 == 0 && aligned16(a.x) && aligned16(a.A);
   const float p = a.dropout_p;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;

@@ -40,6 +40,20 @@ struct SkinnyTile {
 template <int BN>
 __host__ __device__ __forceinline__ int experts_per_tile(int r) { return r >= BN ? 1 : BN / r; }
 
+// The (row tile, column tile) of this block. The column tile varies fastest, so the blocks that read the same
+// rows of the activation run together and share them through L2 (it is read once from DRAM, not once per
+// column tile).
+struct TileIndex {
+  int64_t row;
+  int col;
+};
+template <int BN>
+__device__ __forceinline__ TileIndex tile_index_for(int r, int E) {
+  const int ept = experts_per_tile<BN>(r);
+  const int col_tiles = (E + ept - 1) / ept;
+  return {static_cast<int64_t>(blockIdx.x) / col_tiles, static_cast<int>(blockIdx.x % col_tiles)};
+}
+
 // Rows [row0, row0 + rows_valid) x columns [k0, k0 + BK) of a row-major [*, Kd] matrix into dst [dst_rows][LD],
 // zero outside. vec: 16-byte loads (Kd % 8 == 0, 16-byte aligned base). p > 0: drop(src), the mask of element
 // (row, k) drawn from philox(seed, row * Kd + k), kept values scaled by `scale` (= 1 / (1 - p)) and rounded to T
