@@ -8,40 +8,13 @@
 #include "pfk_gate.h"
 #include "pfk_launch.cuh"
 #include "pfk_lora.h"
-#include "skinny_mma.cuh"
+#include "pfk_mma.cuh"
 
 namespace personafuse {
 namespace {
 
-// Qs[kk][j] = B[e0 + j / r, k0 + kk, j % r] for j < cols (whole experts), zero elsewhere. vec: r % 8 == 0 and B
-// 16-byte aligned, so 8 columns starting at a multiple of 8 lie in one expert and are contiguous.
 template <typename T, int BN>
-__device__ __forceinline__ void load_b_tile(const T* __restrict__ B, int64_t N, int r, int e0, int cols, int64_t k0,
-                                            T* Qs, bool vec) {
-  using Tile = SkinnyTile<BN>;
-  constexpr int kChunksPerRow = BN / 8;
-  for (int chunk = threadIdx.x; chunk < Tile::BK * kChunksPerRow; chunk += Tile::kThreads) {
-    const int kk = chunk / kChunksPerRow;
-    const int j0 = (chunk - kk * kChunksPerRow) * 8;
-    const int64_t n = k0 + kk;
-    float v[8];
-    if (vec && n < N && j0 + 8 <= cols) {
-      load8<T, true>(B + (static_cast<int64_t>(e0 + j0 / r) * N + n) * r + j0 % r, v);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int j = j0 + i;
-        v[i] = (n < N && j < cols) ? to_float(B[(static_cast<int64_t>(e0 + j / r) * N + n) * r + j % r]) : 0.f;
-      }
-    }
-    T* out = Qs + kk * Tile::LDQ_C + j0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
-  }
-}
-
-template <typename T, int BN>
-__global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_dhg_kernel(
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads) lora_dhg_kernel(
     const T* __restrict__ dy,           // [T, N]
     const T* __restrict__ B,            // [E, N, r]
     const T* __restrict__ H,            // [T, C]
@@ -50,21 +23,22 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_dhg_kernel(
     T* __restrict__ dH,                 // [T, C]
     float* __restrict__ dg_tok,         // [T, E]
     int64_t T_, int64_t N, int E, int r, int64_t seq_len, bool vec_dy, bool vec_b) {
-  using Tile = SkinnyTile<BN>;
+  using Tile = MmaTile<BN>;
+  namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
   const int64_t C = static_cast<int64_t>(E) * r;
-  const TileIndex tile = tile_index_for<BN>(r, E);
-  const int64_t m0 = tile.row * Tile::BM;
   const int ept = experts_per_tile<BN>(r);
+  const TileIndex tile = tile_index((E + ept - 1) / ept);
+  const int64_t m0 = tile.row * Tile::BM;
   const int e0 = tile.col * ept;
   const int experts = E - e0 < ept ? E - e0 : ept;
   const int cols = experts * r;
   const int64_t c0 = static_cast<int64_t>(e0) * r;
   const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
 
-  skinny_mma<T, BN, nvcuda::wmma::row_major>(N, smem, [&](int64_t k0, T* Ps, T* Qs) {
-    load_k_tile<T, Tile::BK, Tile::LDP, Tile::kThreads>(dy, m0, rows, Tile::BM, N, k0, Ps, vec_dy, 0, 0.f, 1.f);
-    load_b_tile<T, BN>(B, N, r, e0, cols, k0, Qs, vec_b);
+  tile_mma<T, BN, wmma::row_major, wmma::row_major>(N, smem, [&](int64_t k0, T* As, T* Bs) {
+    load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(dy, DenseRows{m0, rows}, Tile::BM, N, k0, As, vec_dy);
+    load_lora_b_tile<T, BN>(B, N, r, e0, cols, k0, Bs, vec_b);
   });
 
   const float* Cs = reinterpret_cast<const float*>(smem);
@@ -89,12 +63,12 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_dhg_kernel(
 
 template <typename T, int BN>
 cudaError_t launch_bn(const DhgArgs& a, cudaStream_t stream) {
-  using Tile = SkinnyTile<BN>;
+  using Tile = MmaTile<BN>;
   const int ept = experts_per_tile<BN>(a.r);
   const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM * ((a.E + ept - 1) / ept)));
   const bool vec_dy = a.N % 8 == 0 && aligned16(a.dy);
   const bool vec_b = a.r % 8 == 0 && aligned16(a.B);
-  return launch_kernel(lora_dhg_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::smem_bytes(sizeof(T)), stream,
+  return launch_kernel(lora_dhg_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::union_bytes(sizeof(T)), stream,
                        static_cast<const T*>(a.dy), static_cast<const T*>(a.B), static_cast<const T*>(a.H), a.gates,
                        a.scaling, static_cast<T*>(a.dH), a.dg_tok, a.T, a.N, a.E, a.r, a.seq_len, vec_dy, vec_b);
 }

@@ -5,13 +5,13 @@
 // base output). drop(x) is never stored: the mask comes from philox(seed, t * K + k) as in ops/dropout.py.
 #include "pfk_launch.cuh"
 #include "pfk_lora.h"
-#include "skinny_mma.cuh"
+#include "pfk_mma.cuh"
 
 namespace personafuse {
 namespace {
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_shrink_kernel(
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads) lora_shrink_kernel(
     const T* __restrict__ x,            // [T, K]
     const T* __restrict__ A,            // [C, K]
     const float* __restrict__ gates,    // [T / seq_len, E]
@@ -20,21 +20,22 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_shrink_kernel(
     T* __restrict__ H,                  // [T, C]
     T* __restrict__ Hg,                 // [T, C]
     int64_t T_, int64_t K, int E, int r, int64_t seq_len, bool vec, float p, float scale) {
-  using Tile = SkinnyTile<BN>;
+  using Tile = MmaTile<BN>;
+  namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
   const int64_t C = static_cast<int64_t>(E) * r;
-  const TileIndex tile = tile_index_for<BN>(r, E);
+  const int ept = experts_per_tile<BN>(r);
+  const TileIndex tile = tile_index((E + ept - 1) / ept);
   const int64_t m0 = tile.row * Tile::BM;
-  const int e0 = tile.col * experts_per_tile<BN>(r);
-  const int64_t c0 = static_cast<int64_t>(e0) * r;
+  const int64_t c0 = static_cast<int64_t>(tile.col) * ept * r;
   const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
-  const int width_tile = experts_per_tile<BN>(r) * r;
-  const int cols = static_cast<int>(C - c0 < width_tile ? C - c0 : width_tile);
-  const uint64_t s = p > 0.f ? static_cast<uint64_t>(*seed) : 0;
+  const int cols = static_cast<int>(C - c0 < ept * r ? C - c0 : ept * r);
+  LoadOps drop;
+  if (p > 0.f) drop = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
 
-  skinny_mma<T, BN, nvcuda::wmma::col_major>(K, smem, [&](int64_t k0, T* Ps, T* Qs) {
-    load_k_tile<T, Tile::BK, Tile::LDP, Tile::kThreads>(x, m0, rows, Tile::BM, K, k0, Ps, vec, s, p, scale);
-    load_k_tile<T, Tile::BK, Tile::LDQ_K, Tile::kThreads>(A, c0, cols, BN, K, k0, Qs, vec, 0, 0.f, 1.f);
+  tile_mma<T, BN, wmma::row_major, wmma::col_major>(K, smem, [&](int64_t k0, T* As, T* Bs) {
+    load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(x, DenseRows{m0, rows}, Tile::BM, K, k0, As, vec, drop);
+    load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(A, DenseRows{c0, cols}, BN, K, k0, Bs, vec);
   });
 
   const float* Cs = reinterpret_cast<const float*>(smem);
@@ -50,13 +51,13 @@ __global__ void __launch_bounds__(SkinnyTile<BN>::kThreads) lora_shrink_kernel(
 
 template <typename T, int BN>
 cudaError_t launch_bn(const ShrinkArgs& a, cudaStream_t stream) {
-  using Tile = SkinnyTile<BN>;
+  using Tile = MmaTile<BN>;
   const int ept = experts_per_tile<BN>(a.r);
   const dim3 grid(static_cast<unsigned>((a.T + Tile::BM - 1) / Tile::BM * ((a.E + ept - 1) / ept)));
   const bool vec = a.K % 8 == 0 && aligned16(a.x) && aligned16(a.A);
   const float p = a.dropout_p;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
-  return launch_kernel(lora_shrink_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::smem_bytes(sizeof(T)), stream,
+  return launch_kernel(lora_shrink_kernel<T, BN>, grid, dim3(Tile::kThreads), Tile::union_bytes(sizeof(T)), stream,
                        static_cast<const T*>(a.x), static_cast<const T*>(a.A), a.gates, a.scaling, a.seed,
                        static_cast<T*>(a.H), static_cast<T*>(a.Hg), a.T, a.K, a.E, a.r, a.seq_len, vec, p, scale);
 }

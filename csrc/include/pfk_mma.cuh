@@ -1,0 +1,235 @@
+// The tensor-core main loop shared by the LoRA kernels of csrc/lora/ and csrc/topk/:
+//
+//   Cs[BM, BN] (fp32, shared memory) = Atile[BM, Kd] . Btile[Kd, BN]
+//
+// where load_tiles(k0, As, Bs) stages columns [k0, k0 + BK) of the reduction dimension. Each operand is staged
+// in one of two shared-memory layouts, named after the WMMA fragment layout that reads it:
+//   A row_major: As[BM][BK + 8] (a row of A is contiguous)     A col_major: As[BK][BM + 8]
+//   B col_major: Bs[BN][BK + 8] (a column of B is contiguous)  B row_major: Bs[BK][BN + 8]
+// Tiles are 64 x BN x 32 with 4 warps in 2 x 2, each warp 2 x (BN/32) WMMA 16x16x16 fragments (mma.sync on
+// sm_80+), fp32 accumulation, single-buffered. Loaders zero-fill outside the matrices, so no size needs to be a
+// multiple of 16. The loaders below take a row map (local row -> global row, or -1 for none), so the same code
+// reads contiguous rows (dense path) and rows gathered through routing metadata (top-k path).
+#pragma once
+#include <mma.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "pfk_device.cuh"
+
+namespace personafuse {
+
+template <int BN_>
+struct MmaTile {
+  static constexpr int BM = 64, BN = BN_, BK = 32, kThreads = 128;
+  static constexpr int WM = BM / 2, WN = BN / 2, FM = WM / 16, FN = WN / 16;
+  static constexpr int LDA_ROW = BK + 8, LDA_COL = BM + 8;  // As [BM][LDA_ROW] or [BK][LDA_COL]
+  static constexpr int LDB_COL = BK + 8, LDB_ROW = BN + 8;  // Bs [BN][LDB_COL] or [BK][LDB_ROW]
+  static constexpr int LDC = BN + 4;                        // Cs [BM][LDC] fp32, aliasing As and Bs afterwards
+  static constexpr size_t kAElems = (size_t)BM * LDA_ROW > (size_t)BK * LDA_COL ? (size_t)BM * LDA_ROW
+                                                                                : (size_t)BK * LDA_COL;
+  static constexpr size_t kBElems = (size_t)BN * LDB_COL > (size_t)BK * LDB_ROW ? (size_t)BN * LDB_COL
+                                                                                : (size_t)BK * LDB_ROW;
+  static constexpr size_t kEpilogueBytes = (size_t)BM * LDC * sizeof(float);
+  // Bytes of the main loop / epilogue union, rounded to 128 so that extra arrays can follow it.
+  static constexpr size_t union_bytes(size_t elem) {
+    const size_t main = (kAElems + kBElems) * elem;
+    const size_t u = main > kEpilogueBytes ? main : kEpilogueBytes;
+    return (u + 127) / 128 * 128;
+  }
+  static_assert(BN % 32 == 0, "2 x 2 warps of 16-wide fragments");
+};
+
+// Experts per column tile for rank r (whole experts per tile, so per-expert reductions stay in one block).
+template <int BN>
+__host__ __device__ __forceinline__ int experts_per_tile(int r) { return r >= BN ? 1 : BN / r; }
+
+// Row maps: local row index -> global row, or -1 outside the matrix.
+struct DenseRows {
+  int64_t row0;
+  int valid;
+  __device__ __forceinline__ int64_t operator()(int row) const { return row < valid ? row0 + row : -1; }
+};
+struct GatheredRows {
+  const int* rows;  // `valid` global row indices, in shared memory
+  int valid;
+  __device__ __forceinline__ int64_t operator()(int row) const { return row < valid ? rows[row] : -1; }
+};
+
+// Optional per-row work on loaded values: a coefficient (c(row) * v, rounded to T) and/or the dropout mask of
+// element (grow, col) drawn from philox(seed, grow * ld + col), kept values scaled by `scale` and rounded to T
+// as torch's drop(x) tensor is. Both are uniform over a launch.
+struct LoadOps {
+  const float* coef = nullptr;  // [rows of the tile], in shared memory, or nullptr
+  uint64_t seed = 0;
+  float p = 0.f;
+  float scale = 1.f;
+};
+
+template <typename T>
+__device__ __forceinline__ void finish8(float v[8], int row, int64_t grow, int64_t ld, int64_t col,
+                                        const LoadOps& ops) {
+  if (ops.coef) {
+    const float c = ops.coef[row];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = round_to<T>(v[i] * c);
+  }
+  if (ops.p > 0.f) {
+    const uint64_t base = static_cast<uint64_t>(grow) * static_cast<uint64_t>(ld) + static_cast<uint64_t>(col);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = philox_uniform(ops.seed, base + i) >= ops.p ? round_to<T>(v[i] * ops.scale) : 0.f;
+  }
+}
+
+// dst[row][kk] = src[rows(row), k0 + kk] for row < dst_rows, kk < BK: rows of a row-major [*, Kd] matrix with the
+// reduction dimension contiguous (an A row_major or B col_major tile). vec: 16-byte loads (Kd % 8 == 0, src
+// 16-byte aligned).
+template <typename T, int BK, int LD, int THREADS, typename Rows>
+__device__ __forceinline__ void load_k_tile(const T* __restrict__ src, Rows rows, int dst_rows, int64_t Kd,
+                                            int64_t k0, T* dst, bool vec, const LoadOps& ops = LoadOps{}) {
+  constexpr int kChunksPerRow = BK / 8;
+  for (int chunk = threadIdx.x; chunk < dst_rows * kChunksPerRow; chunk += THREADS) {
+    const int row = chunk / kChunksPerRow;
+    const int kc = (chunk - row * kChunksPerRow) * 8;
+    const int64_t k = k0 + kc;
+    const int64_t grow = rows(row);
+    float v[8];
+    if (vec && grow >= 0 && k + 8 <= Kd) {
+      load8<T, true>(src + grow * Kd + k, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = (grow >= 0 && k + i < Kd) ? to_float(src[grow * Kd + k + i]) : 0.f;
+    }
+    if (grow >= 0) finish8<T>(v, row, grow, Kd, k, ops);
+    T* out = dst + row * LD + kc;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
+  }
+}
+
+// dst[kk][c] = src[rows(kk) * ld + c0 + c] for kk < BK, c < WIDTH (zero for c >= cols): BK rows (the reduction
+// dimension) of a row-major matrix, each giving WIDTH contiguous columns (an A col_major or B row_major tile).
+// vec: 16-byte loads (ld % 8 == 0, c0 % 8 == 0, src 16-byte aligned).
+template <typename T, int BK, int WIDTH, int LD, int THREADS, typename Rows>
+__device__ __forceinline__ void load_c_tile(const T* __restrict__ src, Rows rows, int64_t ld, int64_t c0, int cols,
+                                            T* dst, bool vec, const LoadOps& ops = LoadOps{}) {
+  constexpr int kChunksPerRow = WIDTH / 8;
+  for (int chunk = threadIdx.x; chunk < BK * kChunksPerRow; chunk += THREADS) {
+    const int kk = chunk / kChunksPerRow;
+    const int c = (chunk - kk * kChunksPerRow) * 8;
+    const int64_t grow = rows(kk);
+    float v[8];
+    if (vec && grow >= 0 && c + 8 <= cols) {
+      load8<T, true>(src + grow * ld + c0 + c, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = (grow >= 0 && c + i < cols) ? to_float(src[grow * ld + c0 + c + i]) : 0.f;
+    }
+    if (grow >= 0) finish8<T>(v, kk, grow, ld, c0 + c, ops);
+    T* out = dst + kk * LD + c;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
+  }
+}
+
+// The main loop. On return Cs (= smem as float [BM][LDC]) holds the tile and every thread may read it.
+template <typename T, int BN, typename ALayout, typename BLayout, typename LoadTiles>
+__device__ __forceinline__ void tile_mma(int64_t Kd, unsigned char* smem, LoadTiles&& load_tiles) {
+  namespace wmma = nvcuda::wmma;
+  using Tile = MmaTile<BN>;
+  constexpr bool kARow = std::is_same<ALayout, wmma::row_major>::value;
+  constexpr bool kBCol = std::is_same<BLayout, wmma::col_major>::value;
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = As + Tile::kAElems;
+  float* Cs = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x / 32;
+  const int wm = warp / 2, wn = warp % 2;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[Tile::FM][Tile::FN];
+#pragma unroll
+  for (int i = 0; i < Tile::FM; ++i)
+#pragma unroll
+    for (int j = 0; j < Tile::FN; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int64_t k0 = 0; k0 < Kd; k0 += Tile::BK) {
+    load_tiles(k0, As, Bs);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < Tile::BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a[Tile::FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b[Tile::FN];
+#pragma unroll
+      for (int i = 0; i < Tile::FM; ++i) {
+        const int row = wm * Tile::WM + i * 16;
+        if constexpr (kARow) {
+          wmma::load_matrix_sync(a[i], As + row * Tile::LDA_ROW + kk, Tile::LDA_ROW);
+        } else {
+          wmma::load_matrix_sync(a[i], As + kk * Tile::LDA_COL + row, Tile::LDA_COL);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < Tile::FN; ++j) {
+        const int col = wn * Tile::WN + j * 16;
+        if constexpr (kBCol) {
+          wmma::load_matrix_sync(b[j], Bs + col * Tile::LDB_COL + kk, Tile::LDB_COL);
+        } else {
+          wmma::load_matrix_sync(b[j], Bs + kk * Tile::LDB_ROW + col, Tile::LDB_ROW);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < Tile::FM; ++i)
+#pragma unroll
+        for (int j = 0; j < Tile::FN; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();  // the tiles are overwritten next iteration, and Cs aliases them
+  }
+#pragma unroll
+  for (int i = 0; i < Tile::FM; ++i)
+#pragma unroll
+    for (int j = 0; j < Tile::FN; ++j)
+      wmma::store_matrix_sync(Cs + (wm * Tile::WM + i * 16) * Tile::LDC + wn * Tile::WN + j * 16, acc[i][j],
+                              Tile::LDC, wmma::mem_row_major);
+  __syncthreads();
+}
+
+// The (row tile, column tile) of this block for a grid of row_tiles * col_tiles blocks. The column tile varies
+// fastest, so blocks reading the same rows of the activation run together and share them through L2.
+struct TileIndex {
+  int64_t row;
+  int col;
+};
+__device__ __forceinline__ TileIndex tile_index(int col_tiles) {
+  return {static_cast<int64_t>(blockIdx.x) / col_tiles, static_cast<int>(blockIdx.x % col_tiles)};
+}
+
+// Qs[kk][j] = B[e0 + j / r, k0 + kk, j % r] for j < cols (whole experts), zero elsewhere: BK rows of lora_B
+// [E, N, r] with its experts side by side (a B row_major tile). vec: r % 8 == 0 and B 16-byte aligned, so 8
+// columns starting at a multiple of 8 lie in one expert and are contiguous.
+template <typename T, int BN>
+__device__ __forceinline__ void load_lora_b_tile(const T* __restrict__ B, int64_t N, int r, int e0, int cols,
+                                                 int64_t k0, T* Bs, bool vec) {
+  using Tile = MmaTile<BN>;
+  constexpr int kChunksPerRow = BN / 8;
+  for (int chunk = threadIdx.x; chunk < Tile::BK * kChunksPerRow; chunk += Tile::kThreads) {
+    const int kk = chunk / kChunksPerRow;
+    const int j0 = (chunk - kk * kChunksPerRow) * 8;
+    const int64_t n = k0 + kk;
+    float v[8];
+    if (vec && n < N && j0 + 8 <= cols) {
+      load8<T, true>(B + (static_cast<int64_t>(e0 + j0 / r) * N + n) * r + j0 % r, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int j = j0 + i;
+        v[i] = (n < N && j < cols) ? to_float(B[(static_cast<int64_t>(e0 + j / r) * N + n) * r + j % r]) : 0.f;
+      }
+    }
+    T* out = Bs + kk * Tile::LDB_ROW + j0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = from_float<T>(v[i]);
+  }
+}
+
+}  // namespace personafuse
