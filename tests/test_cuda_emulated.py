@@ -208,3 +208,132 @@ def test_cuda_philox_is_the_torch_philox():
         emu.lib().pfk_emu_philox(emu.ctypes.c_uint64(seed), emu.ctypes.c_uint64(off0), emu.i64(1000), emu.ptr(out))
         ref = philox_uniform(torch.tensor([seed]), torch.arange(1000, dtype=torch.int64) + off0)
         assert torch.equal(out, ref), (seed, off0)
+
+
+# Top-k grouped kernels (csrc/topk/) over the routing metadata of routing/topk.py, against per-pair float64
+# references, for the routing patterns of tests/test_topk.py (empty experts, everything on one expert, ...).
+TOPK_CASES = [  # T, K, N, E, r, k, pattern, block_m
+    (1, 33, 45, 4, 4, 1, "uniform", 16),
+    (7, 40, 24, 6, 5, 2, "skewed", 16),
+    (70, 48, 72, 8, 16, 2, "zipf", 64),
+    (40, 64, 40, 16, 8, 4, "empty_experts", 16),
+    (33, 24, 20, 3, 72, 2, "all_to_one", 16),
+    (50, 72, 33, 64, 2, 2, "uniform", 64),
+]
+
+
+def _topk_routing(T, E, k, pattern, block_m):
+    from test_topk import routing
+    from personafuse_kernels.routing.topk import build_routing_metadata
+
+    idx = routing(T, E, k, pattern, torch.Generator().manual_seed(T + E))
+    meta = build_routing_metadata(idx, E, block_m)
+    return idx, meta
+
+
+def _route_args(meta):
+    return [emu.ptr(meta.sorted_pairs), emu.ptr(meta.group_start), emu.ptr(meta.block_group),
+            emu.ptr(meta.block_start), emu.i32(meta.block_group.numel()), emu.i32(meta.block_m), emu.i32(meta.k)]
+
+
+def _topk_setup(T, K, N, E, r, k, pattern, block_m, dtype):
+    idx, meta = _topk_routing(T, E, k, pattern, block_m)
+    P = T * k
+    t = {
+        "x": torch.randn(T, K).to(dtype), "dy": torch.randn(T, N).to(dtype),
+        "A": (torch.randn(E, r, K) / K**0.5).to(dtype), "B": (torch.randn(E, N, r) / r**0.5).to(dtype),
+        "w": torch.rand(P), "s": torch.linspace(0.5, 2.0, E), "H": torch.randn(P, r).to(dtype),
+    }
+    tok = torch.arange(P) // k
+    e_of = idx.reshape(-1)
+    coef = t["w"] * t["s"][e_of]  # w_p * s_e, fp32
+    return idx, meta, t, tok, e_of, coef
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,K,N,E,r,k,pattern,block_m", TOPK_CASES)
+def test_topk_pair_gemm(dtype, T, K, N, E, r, k, pattern, block_m):
+    idx, meta, t, tok, e_of, coef = _topk_setup(T, K, N, E, r, k, pattern, block_m, dtype)
+    P = T * k
+    seed = torch.tensor([77], dtype=torch.int64)
+    for p in (0.0, 0.25):
+        H = emu.poisoned(P, r, dtype=dtype)
+        Hg = emu.poisoned(P, r, dtype=dtype)
+        emu.check(emu.lib().pfk_emu_topk_pair_gemm(
+            emu.DTYPES[dtype], 0, emu.ptr(t["x"]), emu.ptr(t["A"]), emu.ptr(t["w"]), emu.ptr(t["s"]), emu.ptr(seed),
+            None, emu.ptr(H), emu.ptr(Hg), None, emu.i64(K), E, r, emu.ctypes.c_float(p), *_route_args(meta)),
+            "topk_pair_gemm forward")
+        from personafuse_kernels.ops.dropout import apply_dropout
+
+        xd = apply_dropout(t["x"], seed, p).double()
+        H_ref = torch.einsum("pk,pjk->pj", xd[tok], t["A"].double()[e_of])
+        assert_close(H, H_ref, REL_TOL[dtype], f"H p={p}")
+        torch.testing.assert_close(Hg, (H.float() * coef[:, None]).to(dtype), rtol=0, atol=0)
+
+    dH = emu.poisoned(P, r, dtype=dtype)
+    dw = emu.poisoned(P, dtype=torch.float32)
+    emu.check(emu.lib().pfk_emu_topk_pair_gemm(
+        emu.DTYPES[dtype], 1, emu.ptr(t["dy"]), emu.ptr(t["B"]), emu.ptr(t["w"]), emu.ptr(t["s"]), None,
+        emu.ptr(t["H"]), None, emu.ptr(dH), emu.ptr(dw), emu.i64(N), E, r, emu.ctypes.c_float(0.0),
+        *_route_args(meta)), "topk_pair_gemm backward")
+    dHg = torch.einsum("pn,pnj->pj", t["dy"].double()[tok], t["B"].double()[e_of]).to(dtype)
+    assert_close(dH, (dHg.float() * coef[:, None]).double(), REL_TOL[dtype], "dH")
+    dw_ref = (dHg.double() * t["H"].double()).sum(-1) * t["s"].double()[e_of]
+    assert_close(dw, dw_ref, REL_TOL[dtype], "dw")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,K,N,E,r,k,pattern,block_m", TOPK_CASES)
+def test_topk_expand(dtype, T, K, N, E, r, k, pattern, block_m):
+    from personafuse_kernels.ops.dropout import keep_mask
+
+    idx, meta, t, tok, e_of, coef = _topk_setup(T, K, N, E, r, k, pattern, block_m, dtype)
+    P = T * k
+    X2 = torch.randn(P, r).to(dtype)
+    seed = torch.tensor([1234], dtype=torch.int64)
+    for mode, M, n_out, p in ((0, t["B"], N, 0.0), (1, t["A"], K, 0.0), (1, t["A"], K, 0.4)):
+        out0 = torch.randn(T, n_out).to(dtype)
+        out = out0.clone()
+        emu.check(emu.lib().pfk_emu_topk_expand(emu.DTYPES[dtype], mode, emu.ptr(X2), emu.ptr(M), emu.ptr(out),
+                                                emu.ptr(seed), emu.i64(n_out), E, r, emu.ctypes.c_float(p),
+                                                *_route_args(meta)), "topk_expand")
+        Me = M.double()[e_of]  # [P, N, r] or [P, r, K]
+        contrib = (torch.einsum("pj,pnj->pn", X2.double(), Me) if mode == 0
+                   else torch.einsum("pj,pjn->pn", X2.double(), Me))
+        lora = torch.zeros(T, n_out, dtype=torch.float64).index_add_(0, tok, contrib)
+        if p > 0:
+            lora = lora * keep_mask(seed, T, n_out, p).double() / (1 - p)
+        assert_close(out, out0.double() + lora, REL_TOL[dtype], f"expand mode {mode} p={p}")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("T,K,N,E,r,k,pattern,block_m", TOPK_CASES)
+def test_topk_wgrad(dtype, T, K, N, E, r, k, pattern, block_m):
+    from personafuse_kernels.ops.dropout import apply_dropout
+
+    idx, meta, t, tok, e_of, coef = _topk_setup(T, K, N, E, r, k, pattern, block_m, dtype)
+    P = T * k
+    seed = torch.tensor([99], dtype=torch.int64)
+    dB = emu.poisoned(E, N, r, dtype=dtype)
+    emu.check(emu.lib().pfk_emu_topk_wgrad(emu.DTYPES[dtype], 0, emu.ptr(t["dy"]), emu.ptr(t["H"]), emu.ptr(t["w"]),
+                                           emu.ptr(t["s"]), None, emu.ptr(dB), emu.i64(N), E, r,
+                                           emu.ctypes.c_float(0.0), emu.ptr(meta.sorted_pairs),
+                                           emu.ptr(meta.group_start), emu.i32(k)), "topk_wgrad dB")
+    Hg = (t["H"].float() * coef[:, None]).to(dtype).double()
+    dB_ref = torch.zeros(E, N, r, dtype=torch.float64).index_add_(
+        0, e_of, torch.einsum("pn,pj->pnj", t["dy"].double()[tok], Hg))
+    assert_close(dB, dB_ref, REL_TOL[dtype], "dB")
+    dH = torch.randn(P, r).to(dtype)
+    for p in (0.0, 0.3):
+        dA = emu.poisoned(E, r, K, dtype=dtype)
+        emu.check(emu.lib().pfk_emu_topk_wgrad(emu.DTYPES[dtype], 1, emu.ptr(dH), emu.ptr(t["x"]), emu.ptr(t["w"]),
+                                               emu.ptr(t["s"]), emu.ptr(seed), emu.ptr(dA), emu.i64(K), E, r,
+                                               emu.ctypes.c_float(p), emu.ptr(meta.sorted_pairs),
+                                               emu.ptr(meta.group_start), emu.i32(k)), "topk_wgrad dA")
+        xd = apply_dropout(t["x"], seed, p).double()
+        dA_ref = torch.zeros(E, r, K, dtype=torch.float64).index_add_(
+            0, e_of, torch.einsum("pj,pk->pjk", dH.double(), xd[tok]))
+        assert_close(dA, dA_ref, REL_TOL[dtype], f"dA p={p}")
+        unused = torch.ones(E, dtype=torch.bool)
+        unused[e_of] = False
+        assert torch.all(dA[unused] == 0), "experts without pairs must get zero gradients"

@@ -26,15 +26,16 @@ def test_no_spills(source, arch, tmp_path):
     assert all(f == ("0", "0", "0") for f in frames), f"{source.name} {arch}: stack/spills {frames}"
 
 
-@pytest.mark.parametrize("source", ["shrink_kernel.cu", "dhg_kernel.cu"])
-def test_large_t_kernels_use_tensor_cores(source, tmp_path):
-    """The large-T kernels multiply on tensor cores (WMMA lowers to mma.sync / HMMA), for fp16 and for bf16."""
+@pytest.mark.parametrize("source", ["lora/shrink_kernel.cu", "lora/dhg_kernel.cu", "topk/pair_gemm_kernel.cu",
+                                    "topk/expand_kernel.cu", "topk/wgrad_kernel.cu"])
+def test_tensor_core_kernels_use_tensor_cores(source, tmp_path):
+    """The large-T and top-k kernels multiply on tensor cores (WMMA lowers to mma.sync / HMMA), fp16 and bf16."""
     ptx = tmp_path / "k.ptx"
     res = subprocess.run([NVCC, "-O3", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", "-arch=sm_80", "-ptx",
-                          str(ROOT / "csrc" / "lora" / source), "-o", str(ptx)], capture_output=True, text=True,
+                          str(ROOT / "csrc" / source), "-o", str(ptx)], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     text = ptx.read_text()
-    assert "wmma.mma.sync.aligned.row.col.m16n16k16.f32.bf16.bf16.f32" in text or \
-        "wmma.mma.sync.aligned.row.row.m16n16k16.f32.bf16.bf16.f32" in text
-    assert re.search(r"wmma\.mma\.sync\.aligned\.row\.(col|row)\.m16n16k16\.f32\.f32", text), "no fp16 mma"
+    assert re.search(r"wmma\.mma\.sync\.aligned\.(row|col)\.(row|col)\.m16n16k16\.f32\.bf16\.bf16\.f32", text), \
+        "no bf16 mma"
+    assert re.search(r"wmma\.mma\.sync\.aligned\.(row|col)\.(row|col)\.m16n16k16\.f32\.f32", text), "no fp16 mma"

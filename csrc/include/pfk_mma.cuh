@@ -21,6 +21,8 @@
 
 namespace personafuse {
 
+// Kernels built on this declare __launch_bounds__(kThreads, 1): with the first argument alone ptxas kept some
+// instantiations at 128 (or fewer) registers on sm_80 and spilled (tests/test_cuda_resources.py checks).
 template <int BN_>
 struct MmaTile {
   static constexpr int BM = 64, BN = BN_, BK = 32, kThreads = 128;
@@ -34,7 +36,7 @@ struct MmaTile {
                                                                                 : (size_t)BK * LDB_ROW;
   static constexpr size_t kEpilogueBytes = (size_t)BM * LDC * sizeof(float);
   // Bytes of the main loop / epilogue union, rounded to 128 so that extra arrays can follow it.
-  static constexpr size_t union_bytes(size_t elem) {
+  __host__ __device__ static constexpr size_t union_bytes(size_t elem) {
     const size_t main = (kAElems + kBElems) * elem;
     const size_t u = main > kEpilogueBytes ? main : kEpilogueBytes;
     return (u + 127) / 128 * 128;

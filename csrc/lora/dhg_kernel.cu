@@ -14,7 +14,7 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads) lora_dhg_kernel(
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) lora_dhg_kernel(
     const T* __restrict__ dy,           // [T, N]
     const T* __restrict__ B,            // [E, N, r]
     const T* __restrict__ H,            // [T, C]

@@ -11,7 +11,7 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads) lora_shrink_kernel(
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) lora_shrink_kernel(
     const T* __restrict__ x,            // [T, K]
     const T* __restrict__ A,            // [C, K]
     const float* __restrict__ gates,    // [T / seq_len, E]

@@ -5,6 +5,7 @@
 #include "pfk_device.cuh"
 #include "pfk_gate.h"
 #include "pfk_lora.h"
+#include "pfk_topk.h"
 
 using namespace personafuse;
 
@@ -77,6 +78,36 @@ int pfk_emu_lora_dhg(int dtype, const void* dy, const void* B, const void* H, co
 
 void pfk_emu_philox(uint64_t seed, uint64_t offset0, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = philox_uniform(seed, offset0 + static_cast<uint64_t>(i));
+}
+
+RoutingArgs routing(const int* sorted_pairs, const int* group_start, const int* block_group, const int* block_start,
+                    int num_blocks, int block_m, int k) {
+  return RoutingArgs{sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k};
+}
+
+int pfk_emu_topk_pair_gemm(int dtype, int mode, const void* X, const void* M, const float* w_pair,
+                           const float* scaling, const int64_t* seed, const void* H, void* out_H, void* out, float* dw,
+                           int64_t L, int E, int r, float dropout_p, const int* sorted_pairs, const int* group_start,
+                           const int* block_group, const int* block_start, int num_blocks, int block_m, int k) {
+  const TopkPairArgs a{static_cast<DType>(dtype), mode, X, M, w_pair, scaling, seed, H, out_H, out, dw, L, E, r,
+                       dropout_p, routing(sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k)};
+  return launch_topk_pair_gemm(a, nullptr);
+}
+
+int pfk_emu_topk_expand(int dtype, int mode, const void* X2, const void* M, void* out, const int64_t* seed,
+                        int64_t n_out, int E, int r, float dropout_p, const int* sorted_pairs, const int* group_start,
+                        const int* block_group, const int* block_start, int num_blocks, int block_m, int k) {
+  const TopkExpandArgs a{static_cast<DType>(dtype), mode, X2, M, out, seed, n_out, E, r, dropout_p,
+                         routing(sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k)};
+  return launch_topk_expand(a, nullptr);
+}
+
+int pfk_emu_topk_wgrad(int dtype, int mode, const void* P, const void* Q, const float* w_pair, const float* scaling,
+                       const int64_t* seed, void* out, int64_t width, int E, int r, float dropout_p,
+                       const int* sorted_pairs, const int* group_start, int k) {
+  const TopkWgradArgs a{static_cast<DType>(dtype), mode, P, Q, w_pair, scaling, seed, out, width, E, r, dropout_p,
+                        routing(sorted_pairs, group_start, nullptr, nullptr, 0, 0, k)};
+  return launch_topk_wgrad(a, nullptr);
 }
 
 }  // extern "C"
