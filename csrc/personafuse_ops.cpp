@@ -18,6 +18,7 @@
 #include "pfk_checks.h"
 #include "pfk_gate.h"
 #include "pfk_lora.h"
+#include "pfk_topk.h"
 
 namespace personafuse {
 namespace {
@@ -245,6 +246,171 @@ std::tuple<at::Tensor, at::Tensor> lora_dhg(const at::Tensor& dy,       // [T, N
   return {dH, dgates};
 }
 
+// ---- top-k routed LoRA (csrc/topk/) ----
+
+RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, const at::Tensor& group_start,
+                         const at::Tensor* block_group, const at::Tensor* block_start, int64_t block_m, int64_t k,
+                         int64_t num_pairs, int64_t num_experts) {
+  using Ptrs = std::initializer_list<const at::Tensor*>;
+  for (const at::Tensor* t : Ptrs{&sorted_pairs, &group_start, block_group, block_start}) {
+    if (!t) continue;
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->device() == ref.device() && t->dim() == 1 &&
+                    t->scalar_type() == at::kInt,
+                "routing metadata must be contiguous 1-D int32 tensors on ", ref.device(),
+                " (personafuse_kernels.routing.topk.build_routing_metadata)");
+  }
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(sorted_pairs.numel() == num_pairs, "sorted_pairs has ", sorted_pairs.numel(), " entries, expected T * k = ",
+              num_pairs);
+  if (num_experts > 0) {
+    TORCH_CHECK(group_start.numel() == num_experts * k + 1, "group_start must have E * k + 1 = ", num_experts * k + 1,
+                " entries, got ", group_start.numel());
+  }
+  RoutingArgs rt{sorted_pairs.data_ptr<int>(), group_start.data_ptr<int>(), nullptr, nullptr, 0,
+                 static_cast<int>(block_m), static_cast<int>(k)};
+  if (block_group) {
+    TORCH_CHECK(block_start && block_group->numel() == block_start->numel(),
+                "block_group and block_start must have the same length");
+    TORCH_CHECK(block_m >= 1 && block_m <= 64, "block_m must be in [1, 64] for the cuda backend, got ", block_m);
+    rt.block_group = block_group->data_ptr<int>();
+    rt.block_start = block_start->data_ptr<int>();
+    rt.num_blocks = static_cast<int>(block_group->numel());
+  }
+  return rt;
+}
+
+const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return nullptr;
+  TORCH_CHECK(seed.is_cuda() && seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.device() == ref.device(),
+              "dropout needs a one-element int64 seed on ", ref.device());
+  return seed.data_ptr<int64_t>();
+}
+
+void check_routing_weights(const at::Tensor& w_pair, const at::Tensor& scaling, const at::Tensor& ref, int64_t P,
+                           int64_t E) {
+  PFK_CHECK_INPUT(w_pair);
+  PFK_CHECK_INPUT(scaling);
+  PFK_CHECK_DTYPE(w_pair, at::kFloat);
+  PFK_CHECK_DTYPE(scaling, at::kFloat);
+  PFK_CHECK_SHAPE(w_pair, P);
+  PFK_CHECK_SHAPE(scaling, E);
+  TORCH_CHECK(w_pair.device() == ref.device() && scaling.device() == ref.device(), "w_pair and scaling must be on ",
+              ref.device());
+}
+
+// mode 0: (H, Hg) [P, r] from X = x [T, K], M = lora_A [E, r, K]; mode 1: (dH [P, r], dw [P] float32) from
+// X = dy [T, N], M = lora_B [E, N, r] and H.
+std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor& X, const at::Tensor& M,
+                                                  const at::Tensor& w_pair, const at::Tensor& scaling,
+                                                  const at::Tensor& seed, const c10::optional<at::Tensor>& H,
+                                                  const at::Tensor& sorted_pairs, const at::Tensor& group_start,
+                                                  const at::Tensor& block_group, const at::Tensor& block_start,
+                                                  int64_t block_m, int64_t k, double dropout_p) {
+  TORCH_CHECK(mode == 0 || mode == 1, "topk_pair_gemm: mode must be 0 or 1, got ", mode);
+  PFK_CHECK_INPUT(X);
+  PFK_CHECK_INPUT(M);
+  PFK_CHECK_DIM(X, 2);
+  PFK_CHECK_DIM(M, 3);
+  const int64_t T = X.size(0), L = X.size(1), E = M.size(0), P = T * k;
+  const int64_t r = mode == 0 ? M.size(1) : M.size(2);
+  if (mode == 0) {
+    PFK_CHECK_SHAPE(M, E, r, L);
+  } else {
+    PFK_CHECK_SHAPE(M, E, L, r);
+  }
+  check_rank(r, "topk_pair_gemm");
+  check_low_precision_operands(X, {&M}, "topk_pair_gemm");
+  check_routing_weights(w_pair, scaling, X, P, E);
+  const RoutingArgs rt = routing_args(X, sorted_pairs, group_start, &block_group, &block_start, block_m, k, P, E);
+  const c10::cuda::CUDAGuard guard(X.device());
+  TopkPairArgs a{to_dtype(X, "X"), static_cast<int>(mode), X.data_ptr(), M.data_ptr(), w_pair.data_ptr<float>(),
+                 scaling.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, L, static_cast<int>(E),
+                 static_cast<int>(r), 0.f, rt};
+  at::Tensor first, second;
+  if (mode == 0) {
+    a.seed = seed_ptr(seed, X, dropout_p);
+    a.dropout_p = static_cast<float>(dropout_p);
+    first = at::empty({P, r}, X.options());
+    second = at::empty({P, r}, X.options());
+    a.out_H = first.data_ptr();
+    a.out = second.data_ptr();
+  } else {
+    TORCH_CHECK(H.has_value(), "topk_pair_gemm mode 1 needs H");
+    PFK_CHECK_INPUT((*H));
+    PFK_CHECK_SHAPE((*H), P, r);
+    check_low_precision_operands(X, {&*H}, "topk_pair_gemm");
+    a.H = H->data_ptr();
+    first = at::empty({P, r}, X.options());
+    second = at::empty({P}, w_pair.options());
+    a.out = first.data_ptr();
+    a.dw = second.data_ptr<float>();
+  }
+  const cudaError_t err = launch_topk_pair_gemm(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse topk_pair_gemm launch failed: ", cudaGetErrorString(err));
+  return {first, second};
+}
+
+// out [T, n_out] += the grouped expand: mode 0 Hg B_e^T (M = lora_B [E, N, r]); mode 1 drop'(dH A_e)
+// (M = lora_A [E, r, K]).
+void topk_expand_(at::Tensor& out, int64_t mode, const at::Tensor& X2, const at::Tensor& M, const at::Tensor& seed,
+                  const at::Tensor& sorted_pairs, const at::Tensor& group_start, const at::Tensor& block_group,
+                  const at::Tensor& block_start, int64_t block_m, int64_t k, double dropout_p) {
+  TORCH_CHECK(mode == 0 || mode == 1, "topk_expand_: mode must be 0 or 1, got ", mode);
+  PFK_CHECK_INPUT(out);
+  PFK_CHECK_INPUT(X2);
+  PFK_CHECK_INPUT(M);
+  PFK_CHECK_DIM(out, 2);
+  PFK_CHECK_DIM(X2, 2);
+  PFK_CHECK_DIM(M, 3);
+  const int64_t T = out.size(0), n_out = out.size(1), E = M.size(0), r = X2.size(1);
+  if (mode == 0) {
+    PFK_CHECK_SHAPE(M, E, n_out, r);
+  } else {
+    PFK_CHECK_SHAPE(M, E, r, n_out);
+  }
+  PFK_CHECK_SHAPE(X2, T * k, r);
+  check_rank(r, "topk_expand_");
+  check_low_precision_operands(out, {&X2, &M}, "topk_expand_");
+  const RoutingArgs rt =
+      routing_args(out, sorted_pairs, group_start, &block_group, &block_start, block_m, k, T * k, E);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const TopkExpandArgs a{to_dtype(out, "out"), static_cast<int>(mode), X2.data_ptr(), M.data_ptr(), out.data_ptr(),
+                         mode == 1 ? seed_ptr(seed, out, dropout_p) : nullptr, n_out, static_cast<int>(E),
+                         static_cast<int>(r), mode == 1 ? static_cast<float>(dropout_p) : 0.f, rt};
+  const cudaError_t err = launch_topk_expand(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse topk_expand_ launch failed: ", cudaGetErrorString(err));
+}
+
+// mode 0: dB [E, N, r] from P = dy [T, N], Q = H [T * k, r]; mode 1: dA [E, r, K] from P = dH [T * k, r], Q = x [T, K].
+at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, const at::Tensor& w_pair,
+                      const at::Tensor& scaling, const at::Tensor& seed, const at::Tensor& sorted_pairs,
+                      const at::Tensor& group_start, int64_t num_experts, int64_t k, double dropout_p) {
+  TORCH_CHECK(mode == 0 || mode == 1, "topk_wgrad: mode must be 0 or 1, got ", mode);
+  PFK_CHECK_INPUT(P);
+  PFK_CHECK_INPUT(Q);
+  PFK_CHECK_DIM(P, 2);
+  PFK_CHECK_DIM(Q, 2);
+  const at::Tensor& tokens = mode == 0 ? P : Q;  // [T, width]
+  const at::Tensor& pairs = mode == 0 ? Q : P;   // [T * k, r]
+  const int64_t T = tokens.size(0), width = tokens.size(1), r = pairs.size(1), E = num_experts;
+  PFK_CHECK_SHAPE(pairs, T * k, r);
+  TORCH_CHECK(E >= 1, "num_experts must be >= 1, got ", E);
+  check_rank(r, "topk_wgrad");
+  check_low_precision_operands(P, {&Q}, "topk_wgrad");
+  check_routing_weights(w_pair, scaling, P, T * k, E);
+  const RoutingArgs rt = routing_args(P, sorted_pairs, group_start, nullptr, nullptr, 0, k, T * k, E);
+  const c10::cuda::CUDAGuard guard(P.device());
+  at::Tensor out = mode == 0 ? at::empty({E, width, r}, P.options()) : at::empty({E, r, width}, P.options());
+  const TopkWgradArgs a{to_dtype(P, "P"), static_cast<int>(mode), P.data_ptr(), Q.data_ptr(), w_pair.data_ptr<float>(),
+                        scaling.data_ptr<float>(), mode == 1 ? seed_ptr(seed, P, dropout_p) : nullptr, out.data_ptr(),
+                        width, static_cast<int>(E), static_cast<int>(r), mode == 1 ? static_cast<float>(dropout_p) : 0.f,
+                        rt};
+  const cudaError_t err = launch_topk_wgrad(a, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "personafuse topk_wgrad launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 }  // namespace personafuse
 
@@ -256,6 +422,13 @@ TORCH_LIBRARY(personafuse, m) {
   m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor gates, Tensor scaling, Tensor seed, int seq_len, "
         "float dropout_p) -> (Tensor, Tensor)");
   m.def("lora_dhg(Tensor dy, Tensor lora_B, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
+  m.def("topk_pair_gemm(int mode, Tensor X, Tensor M, Tensor w_pair, Tensor scaling, Tensor seed, Tensor? H, "
+        "Tensor sorted_pairs, Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, "
+        "float dropout_p) -> (Tensor, Tensor)");
+  m.def("topk_expand_(Tensor(a!) out, int mode, Tensor X2, Tensor M, Tensor seed, Tensor sorted_pairs, "
+        "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, float dropout_p) -> ()");
+  m.def("topk_wgrad(int mode, Tensor P, Tensor Q, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
+        "Tensor group_start, int num_experts, int k, float dropout_p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(personafuse, CUDA, m) {
@@ -264,6 +437,9 @@ TORCH_LIBRARY_IMPL(personafuse, CUDA, m) {
   m.impl("lora_decode_", &personafuse::lora_decode_);
   m.impl("lora_shrink", &personafuse::lora_shrink);
   m.impl("lora_dhg", &personafuse::lora_dhg);
+  m.impl("topk_pair_gemm", &personafuse::topk_pair_gemm);
+  m.impl("topk_expand_", &personafuse::topk_expand_);
+  m.impl("topk_wgrad", &personafuse::topk_wgrad);
 }
 
 // A Python module with no functions: importing personafuse_kernels._C loads the library and runs the

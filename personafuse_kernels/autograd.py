@@ -110,13 +110,13 @@ class RoutedLoRAFunction(torch.autograd.Function):
 # ---------------------------------------------------------------- top-k gates (grouped path)
 #   personafuse::routed_lora_topk_forward(x, weight, bias?, lora_A, lora_B, indices, weights, scaling, seed,
 #       sorted_pairs, group_start, block_group, block_start, block_m, dropout_p, backend) -> (y [T, N], saved)
-#   saved: H [T*k, r] (triton, per pair) or [T, E*r] (torch reference). The routing metadata is built once by
+#   saved: H [T*k, r] (triton, cuda: per pair) or [T, E*r] (torch reference). The routing metadata is built once by
 #   RoutedLoRATopKFunction and passed to both ops.
 
 def _topk_ops(backend: str):
-    from .ops import routed_lora_topk_torch, routed_lora_topk_triton
+    from .ops import routed_lora_topk_cuda, routed_lora_topk_torch, routed_lora_topk_triton
 
-    return {"torch": routed_lora_topk_torch, "triton": routed_lora_topk_triton}[backend]
+    return {"torch": routed_lora_topk_torch, "triton": routed_lora_topk_triton, "cuda": routed_lora_topk_cuda}[backend]
 
 
 def _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices):
@@ -142,8 +142,11 @@ routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_
 @routed_lora_topk_forward_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, sorted_pairs, group_start, block_group,
       block_start, block_m, dropout_p, backend):
+    from .ops.routed_lora_topk_cuda import grouped_supported
+
     E, r, _ = lora_A.shape
-    saved = x.new_empty(x.shape[0], E * r) if backend == "torch" else x.new_empty(indices.numel(), r)
+    dense = backend == "torch" or (backend == "cuda" and not grouped_supported(x, r))  # cuda falls back to dense
+    saved = x.new_empty(x.shape[0], E * r) if dense else x.new_empty(indices.numel(), r)
     return x.new_empty(x.shape[0], weight.shape[0]), saved
 
 

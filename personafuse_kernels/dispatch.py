@@ -139,7 +139,7 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, dev
 
 
 # Backends with grouped (top-k) kernels; the others run top-k gates on the dense path.
-TOPK_BACKENDS = ("torch", "triton")
+TOPK_BACKENDS = ("torch", "triton", "cuda")
 
 
 def prefer_grouped(num_experts: int, rank: int, k: int) -> bool:

@@ -206,3 +206,34 @@ def test_tensor_core_kernels_reject_bad_input():
     with pytest.raises(RuntimeError, match="shape"):
         torch.ops.personafuse.lora_dhg(x, torch.randn(2, 15, 4, device="cuda", dtype=torch.bfloat16),
                                        torch.randn(8, 8, device="cuda", dtype=torch.bfloat16), gates, s, 1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,K,N,E,r,k,pattern,dropout_p", [
+    (133, 64, 48, 8, 16, 2, "uniform", 0.0),
+    (1024, 256, 320, 64, 16, 2, "zipf", 0.0),
+    (300, 96, 72, 128, 8, 1, "skewed", 0.2),
+    (77, 40, 50, 16, 72, 4, "all_to_one", 0.0),
+    (50, 33, 45, 32, 5, 2, "empty_experts", 0.1),
+])
+def test_topk_grouped_cuda_within_3x_of_torch_same_dtype(monkeypatch, dtype, T, K, N, E, r, k, pattern, dropout_p):
+    """The cuda backend's grouped top-k kernels (csrc/topk/): output and every gradient within 3x the error of
+    the same-dtype torch reference (dense gates with zeros off the top-k) against float64, same dropout mask;
+    deterministic."""
+    from conftest import rel_err
+    from test_topk import NAMES, inputs, run
+
+    if "cuda" not in pfk.available_backends():
+        pytest.skip(str(pfk.unavailable_reasons().get("cuda")))
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    ins, idx = inputs(T, K, N, E, r, k, pattern, dtype=dtype, seed=E + k)
+    out = run(ins, idx, "cuda", dropout_p)
+    out_lp = run(ins, idx, "torch", dropout_p)
+    ins64 = {name: v.detach().double().requires_grad_(True) for name, v in ins.items()}
+    out64 = run(ins64, idx, "torch", dropout_p)
+    for got, same_dtype, ref, name in zip(out, out_lp, out64, NAMES):
+        assert got.dtype == same_dtype.dtype, name
+        assert rel_err(got, ref) <= 3 * rel_err(same_dtype, ref) + 1e-4, name
+    again = run(ins, idx, "cuda", dropout_p)
+    assert all(torch.equal(a, b) for a, b in zip(out, again)), "the grouped cuda path must be deterministic"

@@ -147,7 +147,7 @@ def test_auto_rule_dense_for_personafuse_grouped_for_many_experts(monkeypatch):
 
     monkeypatch.delenv("PERSONAFUSE_TOPK_PATH", raising=False)
     assert resolve_topk_backend("triton", 10, 16, 2) is None and resolve_topk_backend("triton", 64, 16, 2) == "triton"
-    assert resolve_topk_backend("cuda", 64, 16, 2) is None  # no grouped CUDA kernels yet: dense path
+    assert resolve_topk_backend("cuda", 64, 16, 2) == "cuda" and resolve_topk_backend("cuda", 10, 16, 2) is None
     monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "sideways")
     with pytest.raises(ValueError, match="PERSONAFUSE_TOPK_PATH"):
         resolve_topk_backend("triton", 64, 16, 2)

@@ -1,0 +1,80 @@
+"""The ``cuda`` backend of top-k routed LoRA: the grouped tensor-core kernels of csrc/topk/ (personafuse_kernels._C),
+same contract as routed_lora_topk_torch.py (the reference) and routed_lora_topk_triton.py.
+
+forward:  base y = x W^T + b (cuBLAS); topk_pair_gemm mode 0: H, Hg [P, r] (x rows gathered on load, dropout
+          mask regenerated from the seed, w_p s_e in the epilogue); topk_expand_ mode 0: for each slot, Hg B_e^T
+          added into its tokens' rows of y (no atomics)
+backward: topk_pair_gemm mode 1: dH [P, r] and dweights; topk_wgrad: dB_e, dA_e as per-expert reductions in a
+          fixed order; dx = dY W (cuBLAS) then topk_expand_ mode 1 adds drop'(dH A_e) per slot
+float32, or r > 128: the dense reference path (cuBLAS GEMMs with zeros off the top-k).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._extension import require_extension
+from ..routing.topk import RoutingMeta
+from . import routed_lora_topk_torch
+from .routed_lora_cuda import TENSOR_CORE_MAX_RANK
+
+MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
+
+
+def block_m_for(T: int, k: int) -> int:
+    """Pairs per metadata block: 16 for small batches (less padding), else one full 64-row tile."""
+    return 16 if T * k <= 1024 else MAX_BLOCK_M
+
+
+def grouped_supported(x: torch.Tensor, r: int) -> bool:
+    return x.dtype in (torch.float16, torch.bfloat16) and r <= TENSOR_CORE_MAX_RANK
+
+
+def _route(meta: RoutingMeta):
+    return meta.sorted_pairs, meta.group_start, meta.block_group, meta.block_start, meta.block_m, meta.k
+
+
+def _pair_weights(weights, scaling):
+    return weights.float().reshape(-1).contiguous(), scaling.float().contiguous()
+
+
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta: RoutingMeta):
+    """(y [T, N], H [P, r]) with P = T * k pairs (or the dense reference's saved tensor when not grouped)."""
+    if not grouped_supported(x, lora_A.shape[1]):
+        return routed_lora_topk_torch.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed,
+                                              dropout_p, meta)
+    require_extension()
+    ops = torch.ops.personafuse
+    w_pair, s32 = _pair_weights(weights, scaling)
+    x = x.contiguous()
+    y = F.linear(x, weight, bias)
+    H, Hg = ops.topk_pair_gemm(0, x, lora_A.contiguous(), w_pair, s32, seed, None, *_route(meta), dropout_p)
+    ops.topk_expand_(y, 0, Hg, lora_B.contiguous(), seed, *_route(meta), 0.0)
+    return y, H
+
+
+def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, dropout_p: float,
+             meta: RoutingMeta, needs):
+    """(dx, dW, db, dA, dB, dweights [T, k])."""
+    if not grouped_supported(x, lora_A.shape[1]):
+        return routed_lora_topk_torch.backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H,
+                                               dropout_p, meta, needs)
+    require_extension()
+    ops = torch.ops.personafuse
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dw = needs
+    E = lora_A.shape[0]
+    w_pair, s32 = _pair_weights(weights, scaling)
+    dy, x, lora_A, lora_B = dy.contiguous(), x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    dH, dw = ops.topk_pair_gemm(1, dy, lora_B, w_pair, s32, seed, H, *_route(meta), 0.0)
+    dB = ops.topk_wgrad(0, dy, H, w_pair, s32, seed, meta.sorted_pairs, meta.group_start, E, meta.k, 0.0) \
+        if need_dB else dy.new_empty(0)
+    dA = ops.topk_wgrad(1, dH, x, w_pair, s32, seed, meta.sorted_pairs, meta.group_start, E, meta.k, dropout_p) \
+        if need_dA else dy.new_empty(0)
+    dx = dy.new_empty(0)
+    if need_dx:
+        dx = dy @ weight
+        ops.topk_expand_(dx, 1, dH, lora_A, seed, *_route(meta), dropout_p)
+    dW = dy.t() @ x if need_dW else dy.new_empty(0)
+    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    dweights = dw.view(indices.shape).to(weights.dtype) if need_dw else weights.new_empty(0)
+    return dx, dW, db, dA, dB, dweights
