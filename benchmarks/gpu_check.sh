@@ -84,8 +84,12 @@ bench_rc=$?
     --out "$OUT_DIR/bench_compile" > "$OUT_DIR/bench_compile.log" 2>&1
 
 # top-k: T = 8192, 4096x4096, r = 16, top-2, E = 8, 16, 32, 64, 128
-"$PY" benchmarks/bench_routed_lora.py --providers base,loop,stacked,torch,triton --shapes topk --modes fwd,fwdbwd \
+# (grouped providers forced onto the grouped path, beside their -dense twins: the measured grouped-vs-dense rule)
+PERSONAFUSE_TOPK_PATH=grouped "$PY" benchmarks/bench_routed_lora.py \
+    --providers base,loop,stacked,triton,triton-dense,cuda,cuda-dense --shapes topk --modes fwd,fwdbwd \
     --no-progress --no-plot --out "$OUT_DIR/bench_topk" > "$OUT_DIR/bench_topk.log" 2>&1
+"$PY" benchmarks/make_dispatch_table.py "$OUT_DIR/bench/rows.json" "$OUT_DIR/bench_topk/rows.json" \
+    --out "$OUT_DIR/bench_topk" >> "$OUT_DIR/bench_topk.log" 2>&1
 
 if [ "$TUNE" = 1 ]; then  # per-GPU launch table for the triton backend (lands in rows.tar.gz)
   mkdir -p "$OUT_DIR/bench"

@@ -142,26 +142,47 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, dev
 TOPK_BACKENDS = ("torch", "triton", "cuda")
 
 
-def prefer_grouped(num_experts: int, rank: int, k: int) -> bool:
+DEFAULT_TOPK_GROUPED_ABOVE = 360.0  # E * r / k above which grouped wins, from the cost model below
+
+
+def prefer_grouped(num_experts: int, rank: int, k: int, threshold: float = DEFAULT_TOPK_GROUPED_ABOVE) -> bool:
     """Grouped top-k kernels, or the dense stacked path with zeros off the top-k?
 
-    Cost model (DESIGN.md figures for an H100/H200, not yet measured here): per token, the dense path adds about
-    4 * E * r * K FLOP (K = N); the grouped path does only k experts' FLOP but gathers x k times and makes k
-    read-modify-write passes over y, about k * 6 * K bytes, i.e. k * 1440 * K FLOP at 240 FLOP/byte.
-    Grouped wins when E * r > 360 * k: PersonaFuse (E = 10, r = 16) stays dense; E = 64, r = 16, top-2 is grouped.
+    Grouped when E * r > threshold * k. The default comes from the cost model (DESIGN.md figures for an
+    H100/H200): per token, the dense path adds about 4 * E * r * K FLOP (K = N); the grouped path does only k
+    experts' FLOP but gathers x k times and makes k read-modify-write passes over y, about k * 6 * K bytes, i.e.
+    k * 1440 * K FLOP at 240 FLOP/byte, so grouped wins when E * r > 360 * k: PersonaFuse (E = 10, r = 16) stays
+    dense; E = 64, r = 16, top-2 is grouped. A measured value for a card replaces it: "topk_grouped_above" in
+    ops/dispatch_tables/<card>.json, written by benchmarks/make_dispatch_table.py from the `topk` preset's
+    grouped and -dense rows.
     """
-    return num_experts * rank > 360 * k
+    return num_experts * rank > threshold * k
 
 
-def resolve_topk_backend(name: str, num_experts: int, rank: int, k: int) -> str | None:
+@torch.compiler.assume_constant_result
+def topk_grouped_threshold(device: torch.device) -> float:
+    return _topk_threshold(device.type, device.index)
+
+
+@functools.lru_cache(maxsize=16)
+def _topk_threshold(device_type: str, device_index) -> float:
+    if device_type != "cuda":
+        return DEFAULT_TOPK_GROUPED_ABOVE
+    table = measured_table(torch.cuda.get_device_name(device_index))
+    return float(table.get("topk_grouped_above", DEFAULT_TOPK_GROUPED_ABOVE))
+
+
+def resolve_topk_backend(name: str, num_experts: int, rank: int, k: int, device: torch.device | None = None
+                         ) -> str | None:
     """The grouped backend for top-k gates, or None for the dense path (gates scattered to [T, E]).
-    `name` is the backend resolve_backend chose for the call."""
+    `name` is the backend resolve_backend chose for the call; `device` selects a measured threshold."""
     path = os.environ.get("PERSONAFUSE_TOPK_PATH", "auto").lower()  # auto | grouped | dense
     if path not in ("auto", "grouped", "dense"):
         raise ValueError(f"PERSONAFUSE_TOPK_PATH must be auto, grouped or dense; got {path!r}")
     if name not in TOPK_BACKENDS or path == "dense":
         return None
-    if path == "grouped" or name == "torch" or prefer_grouped(num_experts, rank, k):
+    threshold = topk_grouped_threshold(device) if device is not None else DEFAULT_TOPK_GROUPED_ABOVE
+    if path == "grouped" or name == "torch" or prefer_grouped(num_experts, rank, k, threshold):
         return name
     return None
 

@@ -147,7 +147,7 @@ def routed_lora(
     operands = (x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 lora_A.contiguous(), lora_B.contiguous())
     if isinstance(gates, TopKGates):
-        grouped = resolve_topk_backend(name, E, r, gates.k)
+        grouped = resolve_topk_backend(name, E, r, gates.k, x.device)
         if grouped is not None:
             indices = gates.indices.reshape(-1, gates.k).contiguous()
             weights = gates.weights.reshape(-1, gates.k).contiguous()

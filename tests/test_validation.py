@@ -109,3 +109,38 @@ def test_make_dispatch_table_picks_the_faster_backend_per_bucket():
             for p, T, ratio in [("triton", 16, 1.9), ("cuda", 16, 1.4), ("triton", 4096, 1.2), ("cuda", 4096, 1.5),
                                 ("cuda", 4096, 1.6)]]
     assert mdt.choose(rows, "fwdbwd") == {"T<=16": "cuda", "T<=4096": "triton"}
+
+
+def test_make_dispatch_table_measures_the_topk_grouped_rule():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "mdt", Path(__file__).resolve().parents[1] / "benchmarks" / "make_dispatch_table.py")
+    mdt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mdt)
+
+    def row(provider, E, ratio):
+        return dict(mode="fwdbwd", provider=provider, T=8192, K=4096, N=4096, E=E, r=16, top_k=2,
+                    ratio_to_base=ratio, device="NVIDIA H200")
+
+    # dense wins at E = 8 and 16 (E r / k = 64, 128), grouped from E = 32 on
+    rows = [row(p, E, ratio) for E, g, d in [(8, 1.6, 1.3), (16, 1.7, 1.5), (32, 1.6, 1.8), (64, 1.5, 2.4)]
+            for p, ratio in (("triton", g), ("triton-dense", d))]
+    assert mdt.topk_threshold(rows, "fwdbwd") == 128
+    assert mdt.topk_threshold([row("triton", 8, 1.0)], "fwdbwd") is None  # no -dense twin: no rule
+    assert mdt.topk_threshold(rows[-2:], "fwdbwd") == 0.0  # grouped won everywhere measured
+
+
+def test_prefer_grouped_uses_a_measured_threshold(monkeypatch):
+    from personafuse_kernels import dispatch as d
+
+    assert d.prefer_grouped(64, 16, 2) and not d.prefer_grouped(10, 16, 2)
+    assert d.prefer_grouped(10, 16, 2, threshold=64) and not d.prefer_grouped(64, 16, 2, threshold=1024)
+    monkeypatch.setattr(d.torch.cuda, "get_device_name", lambda index=None: "Fake GPU")
+    monkeypatch.setattr(d, "measured_table", lambda name: {"topk_grouped_above": 64.0} if name == "Fake GPU" else {})
+    d._topk_threshold.cache_clear()
+    try:
+        assert d._topk_threshold("cuda", 0) == 64.0 and d._topk_threshold("cpu", None) == d.DEFAULT_TOPK_GROUPED_ABOVE
+    finally:
+        d._topk_threshold.cache_clear()

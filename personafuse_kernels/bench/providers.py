@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from ..dispatch import available_backends
 from ..functional import routed_lora
 
-PROVIDERS = ["base", "loop", "xlora", "stacked", "compile", "torch", "triton", "cuda"]
+PROVIDERS = ["base", "loop", "xlora", "stacked", "compile", "torch", "triton", "cuda", "triton-dense", "cuda-dense"]
 OUR_BACKENDS = ("torch", "triton", "cuda")
+# "<backend>-dense": our backend given top-k gates densified (zeros off the top-k), i.e. its dense path; beside
+# "<backend>" (its grouped path under PERSONAFUSE_TOPK_PATH=grouped) it measures the grouped-vs-dense rule.
 
 
 def loop_lora(x, W, b, A, B, g, s):
@@ -98,11 +100,12 @@ def unavailable(name: str, device: str) -> str | None:
             import peft.tuners.xlora.layer  # noqa: F401
         except ImportError as exc:
             return f"peft with X-LoRA is not installed ({exc})"
-    if name in OUR_BACKENDS and name not in available_backends():
+    backend = name.removesuffix("-dense")
+    if backend in OUR_BACKENDS and backend not in available_backends():
         from ..dispatch import unavailable_reasons
 
-        return unavailable_reasons().get(name, "unavailable")
-    if name in ("triton", "cuda") and device != "cuda":
+        return unavailable_reasons().get(backend, "unavailable")
+    if backend in ("triton", "cuda") and device != "cuda":
         return "needs a CUDA device"
     return None
 
@@ -118,8 +121,9 @@ def make_provider(name: str):
         return torch.compile(stacked_lora, dynamic=False)
     if name == "xlora":
         return xlora_provider()
-    if name in OUR_BACKENDS:
-        return lambda x, W, b, A, B, g, s: routed_lora(x, W, b, A, B, g, scaling=s, backend=name)
+    if name.removesuffix("-dense") in OUR_BACKENDS:  # -dense providers get dense gates from the caller
+        backend = name.removesuffix("-dense")
+        return lambda x, W, b, A, B, g, s: routed_lora(x, W, b, A, B, g, scaling=s, backend=backend)
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
 
 
