@@ -2,6 +2,8 @@
 // Declares the `personafuse` ops with TORCH_LIBRARY and binds their CUDA kernels with TORCH_LIBRARY_IMPL.
 // The Python package registers its own high-level ops (routed_lora_forward/backward) as fragments of the
 // same namespace with torch.library.custom_op.
+// Built with PFK_CUDA_EMULATION (tests/emu.py), the same file registers the same ops as `personafuse_emu` for CPU
+// tensors on top of the emulated CUDA runtime of tests/cuda_emu, so CI runs this glue too.
 #include <Python.h>
 
 #include <algorithm>
@@ -11,9 +13,20 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+#ifdef PFK_CUDA_EMULATION
+#include "pfk_emu_torch.h"  // CUDAGuard and the current stream, stood in for on the CPU
+#define PFK_LIBRARY personafuse_emu
+#define PFK_DISPATCH_KEY CPU
+#else
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#define PFK_LIBRARY personafuse
+#define PFK_DISPATCH_KEY CUDA
+#endif
+// One level of indirection so that the macros above expand before TORCH_LIBRARY pastes its arguments.
+#define PFK_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define PFK_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 #include "pfk_checks.h"
 #include "pfk_gate.h"
@@ -107,7 +120,7 @@ at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
                         int64_t seq_len) {
   using Ptrs = std::initializer_list<const at::Tensor*>;
   for (const at::Tensor* t : Ptrs{&y, &x, &lora_A, &lora_B, &gates, &scaling}) {
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "lora_decode_: every tensor must be a contiguous CUDA tensor");
+    TORCH_CHECK(PFK_ON_DEVICE(*t) && t->is_contiguous(), "lora_decode_: every tensor must be a contiguous CUDA tensor");
   }
   PFK_CHECK_DIM(x, 2);
   PFK_CHECK_DIM(y, 2);
@@ -254,7 +267,7 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
   using Ptrs = std::initializer_list<const at::Tensor*>;
   for (const at::Tensor* t : Ptrs{&sorted_pairs, &group_start, block_group, block_start}) {
     if (!t) continue;
-    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->device() == ref.device() && t->dim() == 1 &&
+    TORCH_CHECK(PFK_ON_DEVICE(*t) && t->is_contiguous() && t->device() == ref.device() && t->dim() == 1 &&
                     t->scalar_type() == at::kInt,
                 "routing metadata must be contiguous 1-D int32 tensors on ", ref.device(),
                 " (personafuse_kernels.routing.topk.build_routing_metadata)");
@@ -282,7 +295,7 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
 const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p == 0.0) return nullptr;
-  TORCH_CHECK(seed.is_cuda() && seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.device() == ref.device(),
+  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.device() == ref.device(),
               "dropout needs a one-element int64 seed on ", ref.device());
   return seed.data_ptr<int64_t>();
 }
@@ -414,7 +427,7 @@ at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, co
 }  // namespace
 }  // namespace personafuse
 
-TORCH_LIBRARY(personafuse, m) {
+PFK_TORCH_LIBRARY(PFK_LIBRARY, m) {
   m.def("gate_forward(Tensor H, Tensor gates, Tensor scaling, int seq_len) -> Tensor");
   m.def("gate_backward(Tensor dHg, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
   m.def("lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
@@ -431,7 +444,7 @@ TORCH_LIBRARY(personafuse, m) {
         "Tensor group_start, int num_experts, int k, float dropout_p) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(personafuse, CUDA, m) {
+PFK_TORCH_LIBRARY_IMPL(PFK_LIBRARY, PFK_DISPATCH_KEY, m) {
   m.impl("gate_forward", &personafuse::gate_forward);
   m.impl("gate_backward", &personafuse::gate_backward);
   m.impl("lora_decode_", &personafuse::lora_decode_);

@@ -4,7 +4,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#define PFK_CHECK_CUDA(t) TORCH_CHECK((t).is_cuda(), #t " must be a CUDA tensor, got device ", (t).device())
+#ifdef PFK_CUDA_EMULATION  // tests/cuda_emu: the ops run on CPU tensors
+#define PFK_ON_DEVICE(t) ((t).is_cpu())
+#else
+#define PFK_ON_DEVICE(t) ((t).is_cuda())
+#endif
+#define PFK_CHECK_CUDA(t) TORCH_CHECK(PFK_ON_DEVICE(t), #t " must be a CUDA tensor, got device ", (t).device())
 #define PFK_CHECK_CONTIGUOUS(t) TORCH_CHECK((t).is_contiguous(), #t " must be contiguous")
 #define PFK_CHECK_DTYPE(t, dt) \
   TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt), ", got ", (t).scalar_type())

@@ -24,6 +24,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TENSOR_CORE_MAX_RANK = 128  # csrc/include/pfk_lora.h kTensorCoreMaxRank
 
 
+def kernel_ops():
+    """torch.ops.personafuse with the extension loaded. Tests substitute the build of the same C++ against the CPU
+    emulation of CUDA (tests/emu.py), so this module and routed_lora_topk_cuda.py run in CI without a GPU."""
+    require_extension()
+    return torch.ops.personafuse
+
+
 def use_tensor_core_kernels(x: torch.Tensor, r: int) -> bool:
     return (x.dtype in (torch.float16, torch.bfloat16) and r <= TENSOR_CORE_MAX_RANK
             and os.environ.get("PERSONAFUSE_CUDA_TENSOR_CORES", "1") != "0")
@@ -32,13 +39,11 @@ def use_tensor_core_kernels(x: torch.Tensor, r: int) -> bool:
 class CudaGateOps(routed_lora_torch.TorchGateOps):
     @staticmethod
     def forward(H, gates, scaling, seq_len: int):
-        require_extension()
-        return torch.ops.personafuse.gate_forward(H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len)
+        return kernel_ops().gate_forward(H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len)
 
     @staticmethod
     def backward(dHg, H, gates, scaling, seq_len: int):
-        require_extension()
-        return torch.ops.personafuse.gate_backward(
+        return kernel_ops().gate_backward(
             dHg.contiguous(), H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len
         )
 
@@ -46,16 +51,14 @@ class CudaGateOps(routed_lora_torch.TorchGateOps):
     def shrink(cls, x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float):
         if not use_tensor_core_kernels(x, lora_A.shape[1]):
             return super().shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)
-        require_extension()
-        return torch.ops.personafuse.lora_shrink(x.contiguous(), lora_A.contiguous(), gates.float().contiguous(),
+        return kernel_ops().lora_shrink(x.contiguous(), lora_A.contiguous(), gates.float().contiguous(),
                                                  scaling.float().contiguous(), seed, seq_len, dropout_p)
 
     @classmethod
     def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
         if not use_tensor_core_kernels(dy, lora_B.shape[2]):
             return super().dhg_backward(dy, lora_B, H, gates, scaling, seq_len)
-        require_extension()
-        return torch.ops.personafuse.lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(),
+        return kernel_ops().lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(),
                                               gates.float().contiguous(), scaling.float().contiguous(), seq_len)
 
 
@@ -72,9 +75,8 @@ def use_decode_kernel(x, lora_A, dropout_p: float) -> bool:
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]); same contract as routed_lora_torch.forward."""
     if use_decode_kernel(x, lora_A, dropout_p):
-        require_extension()
         y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS base; the LoRA branch is added in place
-        H = torch.ops.personafuse.lora_decode_(y, x, lora_A, lora_B, gates.float().contiguous(),
+        H = kernel_ops().lora_decode_(y, x, lora_A, lora_B, gates.float().contiguous(),
                                                scaling.float().contiguous(), seq_len)
         return y, H
     return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p,

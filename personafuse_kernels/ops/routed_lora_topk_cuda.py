@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._extension import require_extension
 from ..routing.topk import RoutingMeta
-from . import routed_lora_topk_torch
+from . import routed_lora_cuda, routed_lora_topk_torch
 from .routed_lora_cuda import TENSOR_CORE_MAX_RANK
 
 MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
@@ -43,8 +42,7 @@ def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dr
     if not grouped_supported(x, lora_A.shape[1]):
         return routed_lora_topk_torch.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed,
                                               dropout_p, meta)
-    require_extension()
-    ops = torch.ops.personafuse
+    ops = routed_lora_cuda.kernel_ops()
     w_pair, s32 = _pair_weights(weights, scaling)
     x = x.contiguous()
     y = F.linear(x, weight, bias)
@@ -59,8 +57,7 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
     if not grouped_supported(x, lora_A.shape[1]):
         return routed_lora_topk_torch.backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H,
                                                dropout_p, meta, needs)
-    require_extension()
-    ops = torch.ops.personafuse
+    ops = routed_lora_cuda.kernel_ops()
     need_dx, need_dW, need_db, need_dA, need_dB, need_dw = needs
     E = lora_A.shape[0]
     w_pair, s32 = _pair_weights(weights, scaling)

@@ -44,6 +44,7 @@ enum cudaError_t {
 };
 using cudaStream_t = struct CUstream_st*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 struct dim3 {
   unsigned x, y, z;
@@ -216,6 +217,13 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     default: return "unspecified launch failure";
   }
+}
+
+// An emulated device with 4 SMs: cooperative launches stay small enough to run as threads.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = 4;
+  return cudaSuccess;
 }
 
 template <typename F>

@@ -1,0 +1,139 @@
+"""The whole cuda backend without a GPU: ops/routed_lora_cuda.py and ops/routed_lora_topk_cuda.py run on
+csrc/personafuse_ops.cpp (argument checks, allocation, launches) and csrc/'s kernels, built against the CPU
+emulation of CUDA (tests/emu.py) and registered as torch.ops.personafuse_emu for CPU tensors. Forward and every
+gradient, on every path (decode kernel, tensor-core kernels, gate kernels, grouped top-k), within 3x the error of
+the same-dtype torch backend against float64 (STYLE.md's rule)."""
+import pytest
+import torch
+
+import emu
+from conftest import rel_err
+from personafuse_kernels.ops import routed_lora_cuda, routed_lora_topk_cuda, routed_lora_topk_torch, routed_lora_torch
+from personafuse_kernels.routing.topk import build_routing_metadata
+
+pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler")
+NEEDS = (True,) * 6
+
+
+@pytest.fixture(autouse=True)
+def emulated_ops(monkeypatch):
+    ops = emu.load_ops()
+    monkeypatch.setattr(routed_lora_cuda, "kernel_ops", lambda: ops)
+    return ops
+
+
+def _within_3x(got, same_dtype, ref, names):
+    for g, s, r, name in zip(got, same_dtype, ref, names):
+        if r.numel() == 0:
+            continue
+        assert g.shape == r.shape and g.dtype == s.dtype, name
+        assert not torch.isnan(g).any(), name
+        assert rel_err(g, r) <= 3 * rel_err(s, r) + 1e-4, (name, rel_err(g, r), rel_err(s, r))
+
+
+def _dense_case(T, K, N, E, r, seq_len, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    return dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+                lora_B=rnd(E, N, r, scale=r**-0.5), gates=torch.rand(T // seq_len, E, generator=g),
+                scaling=torch.linspace(0.5, 2.0, E), dy=rnd(T, N))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T,K,N,E,r,seq_len,dropout_p,path", [
+    (7, 40, 24, 3, 4, 7, 0.0, "decode"),
+    (64, 72, 33, 10, 16, 1, 0.0, "decode"),
+    (133, 45, 33, 10, 16, 1, 0.0, "tensor cores"),
+    (70, 64, 40, 2, 128, 35, 0.0, "tensor cores"),
+    (9, 40, 24, 5, 24, 3, 0.3, "tensor cores"),  # dropout: not the decode kernel
+    (66, 24, 20, 2, 136, 1, 0.0, "gate kernels"),  # r > 128
+])
+def test_cuda_backend_forward_backward(dtype, T, K, N, E, r, seq_len, dropout_p, path):
+    c = _dense_case(T, K, N, E, r, seq_len, dtype)
+    seed = torch.tensor([4242], dtype=torch.int64)
+    x2 = c["x"]
+    if dtype != torch.float32:
+        expected = ("decode" if routed_lora_cuda.use_decode_kernel(x2, c["lora_A"], dropout_p) else
+                    "tensor cores" if routed_lora_cuda.use_tensor_core_kernels(x2, r) else "gate kernels")
+        assert expected == path
+
+    def run(mod, cast=None):
+        t = {k: (v.to(cast) if cast is not None and v.is_floating_point() and k not in ("gates", "scaling") else v)
+             for k, v in c.items()}
+        args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["gates"], t["scaling"], seed)
+        y, H = mod.forward(*args, seq_len, dropout_p)
+        grads = mod.backward(t["dy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], t["gates"], t["scaling"], seed,
+                             H, seq_len, dropout_p, NEEDS)
+        return [y, *grads]
+
+    got = run(routed_lora_cuda)
+    same = run(routed_lora_torch)
+    ref = run(routed_lora_torch, torch.float64)
+    _within_3x(got, same, ref, ["y", "dx", "dW", "db", "dA", "dB", "dgates"])
+    again = run(routed_lora_cuda)
+    assert all(torch.equal(a, b) for a, b in zip(got, again)), "the cuda backend must be deterministic"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,K,N,E,r,k,pattern,dropout_p", [
+    (33, 40, 24, 8, 16, 2, "uniform", 0.0),
+    (70, 48, 40, 16, 8, 1, "skewed", 0.2),
+    (40, 24, 20, 32, 5, 4, "empty_experts", 0.0),
+    (20, 32, 24, 4, 72, 2, "all_to_one", 0.1),
+])
+def test_cuda_topk_forward_backward(dtype, T, K, N, E, r, k, pattern, dropout_p):
+    from test_topk import routing
+
+    g = torch.Generator().manual_seed(T * k)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    c = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+             lora_B=rnd(E, N, r, scale=r**-0.5), dy=rnd(T, N))
+    idx = routing(T, E, k, pattern, g)
+    weights = torch.rand(T, k, generator=g)
+    scaling = torch.linspace(0.5, 2.0, E)
+    seed = torch.tensor([99], dtype=torch.int64)
+    meta = build_routing_metadata(idx, E, routed_lora_topk_cuda.block_m_for(T, k))
+
+    def run(mod, cast=None):
+        t = {key: v.to(cast) if cast is not None else v for key, v in c.items()}
+        w = weights.to(cast) if cast is not None else weights
+        args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], idx, w, scaling, seed)
+        y, saved = mod.forward(*args, dropout_p, meta)
+        grads = mod.backward(t["dy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], idx, w, scaling, seed, saved,
+                             dropout_p, meta, NEEDS)
+        return [y, *grads]
+
+    got = run(routed_lora_topk_cuda)
+    same = run(routed_lora_topk_torch)
+    ref = run(routed_lora_topk_torch, torch.float64)
+    _within_3x(got, same, ref, ["y", "dx", "dW", "db", "dA", "dB", "dweights"])
+
+
+def test_emulated_ops_reject_bad_input(emulated_ops):
+    """The C++ argument checks of personafuse_ops.cpp, exercised on the CPU."""
+    x = torch.randn(8, 16, dtype=torch.bfloat16)
+    A = torch.randn(2, 4, 16, dtype=torch.bfloat16)
+    gates, s = torch.rand(8, 2), torch.ones(2)
+    seed = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        emulated_ops.lora_shrink(x.float(), A.float(), gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="ranks 1 to 128"):
+        emulated_ops.lora_shrink(x, torch.randn(2, 129, 16, dtype=torch.bfloat16), gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        emulated_ops.lora_shrink(x, A, gates, s, seed, 1, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        emulated_ops.lora_shrink(x.t().contiguous().t(), A, gates, s, seed, 1, 0.0)
+    with pytest.raises(RuntimeError, match="seq_len"):
+        emulated_ops.gate_forward(torch.randn(8, 8), gates, s, 3)
+    idx = torch.tensor([[0, 1]] * 8)
+    meta = build_routing_metadata(idx, 2, 16)
+    w = torch.rand(16)
+    with pytest.raises(RuntimeError, match="int32"):
+        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs.long(), meta.group_start,
+                                    meta.block_group, meta.block_start, 16, 2, 0.0)
+    with pytest.raises(RuntimeError, match="block_m"):
+        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs, meta.group_start,
+                                    meta.block_group, meta.block_start, 128, 2, 0.0)
+    with pytest.raises(RuntimeError, match="T \\* k"):
+        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs[:-1].contiguous(),
+                                    meta.group_start, meta.block_group, meta.block_start, 16, 2, 0.0)
