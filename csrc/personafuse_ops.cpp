@@ -273,8 +273,8 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
                 " (personafuse_kernels.routing.topk.build_routing_metadata)");
   }
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(sorted_pairs.numel() == num_pairs, "sorted_pairs has ", sorted_pairs.numel(), " entries, expected T * k = ",
-              num_pairs);
+  TORCH_CHECK(sorted_pairs.numel() == num_pairs, "sorted_pairs has ", sorted_pairs.numel(),
+              " entries, expected T * k = ", num_pairs);
   if (num_experts > 0) {
     TORCH_CHECK(group_start.numel() == num_experts * k + 1, "group_start must have E * k + 1 = ", num_experts * k + 1,
                 " entries, got ", group_start.numel());
@@ -295,7 +295,8 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
 const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p == 0.0) return nullptr;
-  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.device() == ref.device(),
+  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
+                  seed.device() == ref.device(),
               "dropout needs a one-element int64 seed on ", ref.device());
   return seed.data_ptr<int64_t>();
 }
@@ -417,8 +418,8 @@ at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, co
   at::Tensor out = mode == 0 ? at::empty({E, width, r}, P.options()) : at::empty({E, r, width}, P.options());
   const TopkWgradArgs a{to_dtype(P, "P"), static_cast<int>(mode), P.data_ptr(), Q.data_ptr(), w_pair.data_ptr<float>(),
                         scaling.data_ptr<float>(), mode == 1 ? seed_ptr(seed, P, dropout_p) : nullptr, out.data_ptr(),
-                        width, static_cast<int>(E), static_cast<int>(r), mode == 1 ? static_cast<float>(dropout_p) : 0.f,
-                        rt};
+                        width, static_cast<int>(E), static_cast<int>(r),
+                        mode == 1 ? static_cast<float>(dropout_p) : 0.f, rt};
   const cudaError_t err = launch_topk_wgrad(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse topk_wgrad launch failed: ", cudaGetErrorString(err));
   return out;

@@ -20,7 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 KERNEL_SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
-HEADERS = sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh")) + sorted((EMU / "include").glob("*"))
+HEADERS = (sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
+           + sorted((EMU / "include").glob("*")))
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/include/pfk_common.h DType
 SANITIZE = os.environ.get("PFK_EMU_SANITIZE") == "1"
 

@@ -81,7 +81,8 @@ __device__ __forceinline__ void finish8(float v[8], int row, int64_t grow, int64
   if (ops.p > 0.f) {
     const uint64_t base = static_cast<uint64_t>(grow) * static_cast<uint64_t>(ld) + static_cast<uint64_t>(col);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = philox_uniform(ops.seed, base + i) >= ops.p ? round_to<T>(v[i] * ops.scale) : 0.f;
+    for (int i = 0; i < 8; ++i)
+      v[i] = philox_uniform(ops.seed, base + i) >= ops.p ? round_to<T>(v[i] * ops.scale) : 0.f;
   }
 }
 

@@ -2,8 +2,8 @@
 // 16x16x16 half / bfloat16 shapes with float accumulators that csrc/ uses. Every thread holds the whole tile
 // (the hardware spreads it over the warp's lanes), so kernels may only use fragments through fill / load /
 // mma / store, never element by element. Only lane 0's copy is stored, so the other lanes check the
-// preconditions and skip the arithmetic (32x less work; results are the same). The documented preconditions are checked: the pointer 256-bit
-// (32-byte) aligned, ldm a multiple of 16 bytes.
+// preconditions and skip the arithmetic (32x less work; results are the same). The documented preconditions
+// are checked: the pointer 256-bit (32-byte) aligned, ldm a multiple of 16 bytes.
 #pragma once
 #include <string>
 #include <type_traits>
