@@ -6,7 +6,19 @@
 
 #include <cstdint>
 
+#include "pfk_common.h"
+
 namespace personafuse {
+
+// fn(T{}) with T the 16-bit element type of dtype (__half or __nv_bfloat16); other dtypes are invalid here.
+template <typename Fn>
+cudaError_t dispatch_16bit(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat16: return fn(__half{});
+    case DType::kBFloat16: return fn(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 __host__ __device__ __forceinline__ float to_float(float v) { return v; }
 __host__ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

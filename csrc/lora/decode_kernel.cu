@@ -185,15 +185,10 @@ DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r, int num_
 }
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case DType::kFloat16:
-      return args.vectorized ? launch_impl<__half, true>(args, stream) : launch_impl<__half, false>(args, stream);
-    case DType::kBFloat16:
-      return args.vectorized ? launch_impl<__nv_bfloat16, true>(args, stream)
-                             : launch_impl<__nv_bfloat16, false>(args, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dispatch_16bit(args.dtype, [&](auto t) {
+    using T = decltype(t);
+    return args.vectorized ? launch_impl<T, true>(args, stream) : launch_impl<T, false>(args, stream);
+  });
 }
 
 }  // namespace personafuse

@@ -84,12 +84,8 @@ cudaError_t launch_lora_dhg(const DhgArgs& args, cudaStream_t stream) {
   if (args.T == 0) return cudaSuccess;
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.E < 1 || args.N < 1 || args.seq_len < 1)
     return cudaErrorInvalidValue;
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat16: err = launch_typed<__half>(args, stream); break;
-    case DType::kBFloat16: err = launch_typed<__nv_bfloat16>(args, stream); break;
-    default: return cudaErrorInvalidValue;
-  }
+  const cudaError_t err =
+      dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });
   if (err != cudaSuccess || args.seq_len == 1) return err;
   return launch_sequence_sum(args.dg_tok, args.dgates, args.T / args.seq_len, args.E, args.seq_len, stream);
 }

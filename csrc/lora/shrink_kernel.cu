@@ -75,11 +75,7 @@ cudaError_t launch_lora_shrink(const ShrinkArgs& args, cudaStream_t stream) {
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.E < 1 || args.K < 1 || args.seq_len < 1 ||
       !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat16: return launch_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });
 }
 
 }  // namespace personafuse

@@ -87,14 +87,10 @@ cudaError_t launch_topk_expand(const TopkExpandArgs& args, cudaStream_t stream) 
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.route.block_m < 1 || args.route.block_m > kMaxBlockPairs ||
       args.route.k < 1 || (args.mode != 0 && args.mode != 1) || !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat16:
-      return args.mode == 0 ? launch_mode<__half, 0>(args, stream) : launch_mode<__half, 1>(args, stream);
-    case DType::kBFloat16:
-      return args.mode == 0 ? launch_mode<__nv_bfloat16, 0>(args, stream)
-                            : launch_mode<__nv_bfloat16, 1>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_16bit(args.dtype, [&](auto t) {
+    using T = decltype(t);
+    return args.mode == 0 ? launch_mode<T, 0>(args, stream) : launch_mode<T, 1>(args, stream);
+  });
 }
 
 }  // namespace personafuse

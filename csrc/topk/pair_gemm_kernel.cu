@@ -95,11 +95,7 @@ cudaError_t launch_topk_pair_gemm(const TopkPairArgs& args, cudaStream_t stream)
       args.route.block_m > kMaxBlockPairs || args.route.k < 1 || (args.mode != 0 && args.mode != 1) ||
       !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
-  switch (args.dtype) {
-    case DType::kFloat16: return launch_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });
 }
 
 }  // namespace personafuse
