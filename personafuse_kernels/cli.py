@@ -83,6 +83,67 @@ def self_test(backend: str, device: str) -> tuple[bool, float, str]:
     return True, worst, detail
 
 
+def self_test_bf16(backend: str, device: str) -> tuple[bool, float, str]:
+    """bfloat16 on a GPU, on the paths the kernel backends take there: T = 14 (decode), T = 133 with dropout and
+    per-sequence gates, and top-k gates on the grouped path. Passes when the output and every gradient are within
+    3x the error of the torch backend in bfloat16, both measured against torch in float64. Returns (passed, worst
+    error ratio, detail)."""
+    import os
+
+    import torch
+
+    from .functional import routed_lora
+    from .routing.topk import TopKGates
+
+    worst = 0.0
+    cases = [("decode", 2, 7, 0.0, None), ("dropout, per-sequence gates", 1, 133, 0.2, None), ("top-2", 1, 133, 0.0, 2)]
+    for label, B, S, p, top_k in cases:
+        gen = torch.Generator().manual_seed(11)
+        K, N, E, r = 72, 96, 16 if top_k else 10, 16
+
+        def rnd(*shape, scale=1.0):
+            return torch.randn(*shape, generator=gen) * scale
+
+        leaves = {"x": rnd(B, S, K), "weight": rnd(N, K, scale=K**-0.5), "bias": rnd(N),
+                  "lora_A": rnd(E, r, K, scale=K**-0.5), "lora_B": rnd(E, N, r, scale=r**-0.5)}
+        if top_k:
+            top = torch.rand(B, S, E, generator=gen).topk(top_k, dim=-1)
+            leaves["gates"] = top.values / top.values.sum(-1, keepdim=True)
+        else:
+            leaves["gates"] = torch.rand(B, E, generator=gen) if label.endswith("per-sequence gates") else \
+                torch.rand(B, S, E, generator=gen)
+        dy = rnd(B, S, N)
+
+        def run(name, dtype):
+            ins = {k: v.to(device, torch.float32 if k == "gates" else dtype).requires_grad_(True)
+                   for k, v in leaves.items()}
+            gates = TopKGates(top.indices.to(device), ins["gates"]) if top_k else ins["gates"]
+            torch.manual_seed(3)
+            y = routed_lora(ins["x"], ins["weight"], ins["bias"], ins["lora_A"], ins["lora_B"], gates, scaling=2.0,
+                            dropout_p=p, backend=name)
+            y.backward(dy.to(device, dtype))
+            return [y.detach()] + [ins[k].grad for k in leaves]
+
+        saved = os.environ.get("PERSONAFUSE_TOPK_PATH")
+        os.environ["PERSONAFUSE_TOPK_PATH"] = "grouped"
+        try:
+            got, same, ref = run(backend, torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
+        finally:
+            if saved is None:
+                os.environ.pop("PERSONAFUSE_TOPK_PATH")
+            else:
+                os.environ["PERSONAFUSE_TOPK_PATH"] = saved
+        for name, a, b, c in zip(["y"] + [f"d{k}" for k in leaves], got, same, ref):
+            def err(t):
+                return float((t.double() - c.double()).norm() / c.double().norm().clamp_min(1e-30))
+
+            ratio = err(a) / (err(b) + 1e-4)
+            if not ratio == ratio or ratio > 3:
+                return False, ratio, f"{name} ({label}) error {err(a):.2e}, torch bfloat16 {err(b):.2e}"
+            worst = max(worst, ratio)
+    return True, worst, "ok"
+
+
 def cmd_check(args) -> int:
     import torch
 
@@ -115,6 +176,14 @@ def cmd_check(args) -> int:
             ok, err, detail = False, float("nan"), f"{type(exc).__name__}: {exc}"
         failed += not ok
         print(f"  {name:<8}{'PASS' if ok else 'FAIL'}  worst relative error {err:.1e}" + ("" if ok else f"  {detail}"))
+        if device == "cuda" and name != "torch":
+            try:
+                ok, ratio, detail = self_test_bf16(name, device)
+            except Exception as exc:
+                ok, ratio, detail = False, float("nan"), f"{type(exc).__name__}: {exc}"
+            failed += not ok
+            print(f"  {name:<8}{'PASS' if ok else 'FAIL'}  bfloat16 (decode, dropout, top-2 grouped): worst error "
+                  f"{ratio:.2f}x torch's bfloat16 error" + ("" if ok else f"  {detail}"))
     print("all available backends pass" if not failed else f"{failed} backend(s) FAILED")
     return 0 if not failed else 1
 

@@ -85,3 +85,22 @@ def test_bad_arguments_are_one_line_and_exit_2(args):
     assert res.returncode == 2, (args, res.stdout, res.stderr)
     err = res.stderr.strip()
     assert err and "\n" not in err and "Traceback" not in err, err
+
+
+def test_bf16_self_test_passes_torch_and_catches_an_off_kernel(monkeypatch):
+    """`personafuse check`'s bfloat16 self-test (run per kernel backend on GPUs): the 3x rule holds for the
+    reference itself, and a backend whose output is 2 % off fails it."""
+    import personafuse_kernels.cli as cli
+    import personafuse_kernels.functional as functional
+
+    ok, ratio, _ = cli.self_test_bf16("torch", "cpu")
+    assert ok and ratio <= 1.0
+    real = functional.routed_lora
+
+    def off_by_two_percent(*args, backend=None, **kwargs):
+        y = real(*args, backend="torch", **kwargs)
+        return y * 1.02 if backend == "fake" else y
+
+    monkeypatch.setattr(functional, "routed_lora", off_by_two_percent)
+    ok, ratio, detail = cli.self_test_bf16("fake", "cpu")
+    assert not ok and ratio > 3 and detail.startswith("y (decode)"), detail
