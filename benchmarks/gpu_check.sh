@@ -55,6 +55,9 @@ if [ "$TESTS" = 1 ]; then
       tests/test_integration_hf.py > "$OUT_DIR/tests.log" 2>&1
   test_rc=$?
   tail -3 "$OUT_DIR/tests.log"
+  echo "== personafuse check (self-test of every backend, float32 and bfloat16)"
+  "$PY" -m personafuse_kernels.cli check >> "$OUT_DIR/tests.log" 2>&1 || test_rc="$test_rc+check-failed"
+  grep -E "PASS|FAIL" "$OUT_DIR/tests.log" | tail -8
 fi
 
 memcheck_rc=skipped
