@@ -223,6 +223,7 @@ TOPK_CASES = [  # T, K, N, E, r, k, pattern, block_m
     (40, 64, 40, 16, 8, 4, "empty_experts", 16),
     (33, 24, 20, 3, 72, 2, "all_to_one", 16),
     (50, 72, 33, 64, 2, 2, "uniform", 64),
+    (24, 40, 36, 4, 40, 2, "skewed", 16),  # 32 < r <= 64: the 64-column tile (r <= 32 use 32, r > 64 use 128)
 ]
 
 

@@ -44,6 +44,15 @@ struct MmaTile {
   static_assert(BN % 32 == 0, "2 x 2 warps of 16-wide fragments");
 };
 
+// fn(std::integral_constant<int, BN>{}) with BN the narrowest column tile (32, 64 or 128) that holds r columns:
+// for kernels whose tile holds one expert, so that small ranks waste fewer tensor-core columns.
+template <typename Fn>
+cudaError_t dispatch_tile_width(int r, Fn&& fn) {
+  if (r <= 32) return fn(std::integral_constant<int, 32>{});
+  if (r <= 64) return fn(std::integral_constant<int, 64>{});
+  return fn(std::integral_constant<int, 128>{});
+}
+
 // Experts per column tile for rank r (whole experts per tile, so per-expert reductions stay in one block).
 template <int BN>
 __host__ __device__ __forceinline__ int experts_per_tile(int r) { return r >= BN ? 1 : BN / r; }

@@ -83,8 +83,10 @@ cudaError_t launch_mode(const TopkPairArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const TopkPairArgs& a, cudaStream_t stream) {
-  if (a.mode == 0) return a.r <= 64 ? launch_mode<T, 64, 0>(a, stream) : launch_mode<T, 128, 0>(a, stream);
-  return a.r <= 64 ? launch_mode<T, 64, 1>(a, stream) : launch_mode<T, 128, 1>(a, stream);
+  return dispatch_tile_width(a.r, [&](auto bn) {
+    constexpr int BN = decltype(bn)::value;
+    return a.mode == 0 ? launch_mode<T, BN, 0>(a, stream) : launch_mode<T, BN, 1>(a, stream);
+  });
 }
 
 }  // namespace

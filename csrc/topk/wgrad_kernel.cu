@@ -87,7 +87,7 @@ cudaError_t launch_mode(const TopkWgradArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_typed(const TopkWgradArgs& a, cudaStream_t stream) {
   if (a.mode == 1) return launch_mode<T, 64, 1>(a, stream);
-  return a.r <= 64 ? launch_mode<T, 64, 0>(a, stream) : launch_mode<T, 128, 0>(a, stream);
+  return dispatch_tile_width(a.r, [&](auto bn) { return launch_mode<T, decltype(bn)::value, 0>(a, stream); });
 }
 
 }  // namespace
