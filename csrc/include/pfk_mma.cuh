@@ -147,8 +147,13 @@ __device__ __forceinline__ void load_c_tile(const T* __restrict__ src, Rows rows
 }
 
 // The main loop. On return Cs (= smem as float [BM][LDC]) holds the tile and every thread may read it.
+// bfloat16 WMMA needs sm_80: built for an older arch (TORCH_CUDA_ARCH_LIST=7.5, say) the kernels compile to a trap,
+// and the Python side never launches them there (ops/routed_lora_cuda.py use_tensor_core_kernels).
 template <typename T, int BN, typename ALayout, typename BLayout, typename LoadTiles>
 __device__ __forceinline__ void tile_mma(int64_t Kd, unsigned char* smem, LoadTiles&& load_tiles) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
   namespace wmma = nvcuda::wmma;
   using Tile = MmaTile<BN>;
   constexpr bool kARow = std::is_same<ALayout, wmma::row_major>::value;
@@ -204,6 +209,7 @@ __device__ __forceinline__ void tile_mma(int64_t Kd, unsigned char* smem, LoadTi
       wmma::store_matrix_sync(Cs + (wm * Tile::WM + i * 16) * Tile::LDC + wn * Tile::WN + j * 16, acc[i][j],
                               Tile::LDC, wmma::mem_row_major);
   __syncthreads();
+#endif
 }
 
 // The (row tile, column tile) of this block for a grid of row_tiles * col_tiles blocks. The column tile varies

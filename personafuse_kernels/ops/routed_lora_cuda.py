@@ -32,8 +32,18 @@ def kernel_ops():
 
 
 def use_tensor_core_kernels(x: torch.Tensor, r: int) -> bool:
+    """fp16/bf16, r <= 128, an sm_80+ GPU (bf16 WMMA), and not turned off by PERSONAFUSE_CUDA_TENSOR_CORES=0."""
     return (x.dtype in (torch.float16, torch.bfloat16) and r <= TENSOR_CORE_MAX_RANK
-            and os.environ.get("PERSONAFUSE_CUDA_TENSOR_CORES", "1") != "0")
+            and os.environ.get("PERSONAFUSE_CUDA_TENSOR_CORES", "1") != "0" and _sm80_or_newer(x.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm80(index) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def _sm80_or_newer(device: torch.device) -> bool:
+    return device.type != "cuda" or _sm80(device.index)  # CPU: the emulated build in tests
 
 
 class CudaGateOps(routed_lora_torch.TorchGateOps):

@@ -6,7 +6,8 @@ forward:  base y = x W^T + b (cuBLAS); topk_pair_gemm mode 0: H, Hg [P, r] (x ro
           added into its tokens' rows of y (no atomics)
 backward: topk_pair_gemm mode 1: dH [P, r] and dweights; topk_wgrad: dB_e, dA_e as per-expert reductions in a
           fixed order; dx = dY W (cuBLAS) then topk_expand_ mode 1 adds drop'(dH A_e) per slot
-float32, or r > 128: the dense reference path (cuBLAS GEMMs with zeros off the top-k).
+float32, r > 128, a pre-sm_80 GPU or PERSONAFUSE_CUDA_TENSOR_CORES=0: the dense reference path (cuBLAS GEMMs with
+zeros off the top-k).
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
 from . import routed_lora_cuda, routed_lora_topk_torch
-from .routed_lora_cuda import TENSOR_CORE_MAX_RANK
 
 MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
 
@@ -26,7 +26,8 @@ def block_m_for(T: int, k: int) -> int:
 
 
 def grouped_supported(x: torch.Tensor, r: int) -> bool:
-    return x.dtype in (torch.float16, torch.bfloat16) and r <= TENSOR_CORE_MAX_RANK
+    """The grouped kernels run where the tensor-core kernels do (fp16/bf16, r <= 128, sm_80+, not turned off)."""
+    return routed_lora_cuda.use_tensor_core_kernels(x, r)
 
 
 def _route(meta: RoutingMeta):
