@@ -137,3 +137,51 @@ def test_emulated_ops_reject_bad_input(emulated_ops):
     with pytest.raises(RuntimeError, match="T \\* k"):
         emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs[:-1].contiguous(),
                                     meta.group_start, meta.block_group, meta.block_start, 16, 2, 0.0)
+
+
+@pytest.fixture
+def cuda_backend_on_cpu(monkeypatch, emulated_ops):
+    """backend="cuda" accepted for CPU tensors, running on the emulated ops: the public API end to end."""
+    from personafuse_kernels import dispatch
+
+    cpu_cuda = dispatch.Backend("cuda", "routed_lora_cuda", ("cpu",), dispatch.BACKENDS["cuda"].dtypes, lambda: None)
+    monkeypatch.setitem(dispatch.BACKENDS, "cuda", cpu_cuda)
+    dispatch._resolve.cache_clear()
+    yield
+    dispatch._resolve.cache_clear()
+
+
+@pytest.mark.parametrize("gates_kind", ["token", "sequence", "top-2 grouped"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_public_api_with_the_cuda_backend(cuda_backend_on_cpu, monkeypatch, gates_kind, compiled):
+    """pfk.routed_lora(backend="cuda") through functional.py, autograd.py (custom ops and their fake shapes under
+    torch.compile(fullgraph=True)) and the cuda ops modules, in bfloat16, against the torch backend."""
+    import personafuse_kernels as pfk
+
+    monkeypatch.setenv("PERSONAFUSE_TOPK_PATH", "grouped")
+    g = torch.Generator().manual_seed(3)
+    B, S, K, N, E, r = 2, 40, 48, 40, 8, 16
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(torch.bfloat16)  # noqa: E731
+    leaves = dict(x=rnd(B, S, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+                  lora_B=rnd(E, N, r, scale=r**-0.5))
+    top = torch.rand(B, S, E, generator=g).topk(2, dim=-1)
+    leaves["gates"] = (top.values / top.values.sum(-1, keepdim=True) if gates_kind.startswith("top")
+                       else torch.rand(B, E, generator=g) if gates_kind == "sequence" else torch.rand(B, S, E, generator=g))
+    dy = rnd(B, S, N)
+
+    def call(x, weight, bias, lora_A, lora_B, gates, backend):
+        if gates_kind.startswith("top"):
+            gates = pfk.TopKGates(top.indices, gates)
+        return pfk.routed_lora(x, weight, bias, lora_A, lora_B, gates, scaling=2.0, backend=backend)
+
+    def run(backend, dtype, fn):
+        ins = {k: v.detach().clone().to(torch.float32 if k == "gates" else dtype).requires_grad_(True)
+               for k, v in leaves.items()}
+        y = fn(*ins.values(), backend)
+        y.backward(dy.to(dtype))
+        return [y.detach()] + [ins[k].grad for k in leaves]
+
+    fn = torch.compile(call, fullgraph=True, dynamic=False) if compiled else call
+    got = run("cuda", torch.bfloat16, fn)
+    _within_3x(got, run("torch", torch.bfloat16, call), run("torch", torch.float64, call),
+               ["y"] + [f"d{k}" for k in leaves])

@@ -242,3 +242,27 @@ def test_grouped_random_sweep(monkeypatch, case):
     p = rng.choice([0.0, 0.3])
     for a, b, n in zip(run(ins, idx, "triton", dropout_p=p), run(ins, idx, "torch", dropout_p=p), NAMES):
         assert_close(a, b, 2e-5, n)
+
+
+def test_topk_gates_validated_inside_torch_compile():
+    """Built inside a compiled region, TopKGates is checked with device-side asserts (no host sync, no graph
+    break under fullgraph=True): valid gates run, an out-of-range index raises."""
+    E = 4
+
+    def f(x, W, A, B, idx, w):
+        return pfk.routed_lora(x, W, None, A, B, pfk.TopKGates(idx, w), backend="torch")
+
+    cf = torch.compile(f, fullgraph=True, dynamic=False)
+    x, W = torch.randn(6, 8), torch.randn(5, 8)
+    A, B = torch.randn(E, 2, 8), torch.randn(E, 5, 2)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3]])
+    w = torch.rand(6, 2)
+    torch.testing.assert_close(cf(x, W, A, B, idx, w), f(x, W, A, B, idx, w))
+    bad = idx.clone()
+    bad[2, 1] = E
+    with pytest.raises(RuntimeError, match="out of range"):
+        cf(x, W, A, B, bad, w)
+    dup = idx.clone()
+    dup[4, 1] = 0
+    with pytest.raises(RuntimeError, match="repeat"):
+        cf(x, W, A, B, dup, w)

@@ -54,6 +54,13 @@ class TopKGates:
             raise ValueError(f"top-k with k = {idx.shape[-1]} > E = {num_experts} experts")
         if self.validated or idx.numel() == 0:
             return
+        if torch.compiler.is_compiling():  # no host sync inside a graph: the same checks as device-side asserts
+            ok = (idx >= 0).all() & (idx < num_experts).all()
+            torch._assert_async(ok, "TopKGates indices out of range [0, num_experts)")
+            if idx.shape[-1] > 1:
+                s = idx.sort(dim=-1).values
+                torch._assert_async(~(s[..., 1:] == s[..., :-1]).any(), "TopKGates indices repeat an expert")
+            return
         lo, hi = int(idx.min()), int(idx.max())  # one host sync, here and only here
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"TopKGates indices must be in [0, {num_experts}); got values from {lo} to {hi}")
