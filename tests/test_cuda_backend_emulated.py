@@ -165,8 +165,10 @@ def test_public_api_with_the_cuda_backend(cuda_backend_on_cpu, monkeypatch, gate
     leaves = dict(x=rnd(B, S, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
                   lora_B=rnd(E, N, r, scale=r**-0.5))
     top = torch.rand(B, S, E, generator=g).topk(2, dim=-1)
-    leaves["gates"] = (top.values / top.values.sum(-1, keepdim=True) if gates_kind.startswith("top")
-                       else torch.rand(B, E, generator=g) if gates_kind == "sequence" else torch.rand(B, S, E, generator=g))
+    if gates_kind.startswith("top"):
+        leaves["gates"] = top.values / top.values.sum(-1, keepdim=True)
+    else:
+        leaves["gates"] = torch.rand(B, E, generator=g) if gates_kind == "sequence" else torch.rand(B, S, E, generator=g)
     dy = rnd(B, S, N)
 
     def call(x, weight, bias, lora_A, lora_B, gates, backend):
