@@ -4,7 +4,7 @@ Same math and signatures as ops/routed_lora_torch.py, whose forward/backward flo
 kernels swapped in (CudaGateOps):
   - decode-sized forwards (T <= 64, fp16/bf16, no dropout): the whole LoRA branch in one cooperative launch on
     top of the cuBLAS base output (csrc/lora/decode_kernel.cu);
-  - otherwise, fp16/bf16 with r <= 128: the two narrow GEMMs on tensor cores with the gate fused into their
+  - otherwise, fp16/bf16 with r <= 128 on sm_80+: the two narrow GEMMs on tensor cores with the gate fused into their
     epilogues, shrink (dropout on load) -> (H, Hg) and dHg -> (dH, dgates) (csrc/lora/shrink_kernel.cu,
     dhg_kernel.cu); the wide GEMMs (base, expand accumulated into the base output, dA, dB, dx) in cuBLAS;
   - float32, or r > 128: cuBLAS GEMMs with the gate kernels (csrc/gate/gate_kernels.cu).
@@ -62,17 +62,17 @@ class CudaGateOps(routed_lora_torch.TorchGateOps):
         if not use_tensor_core_kernels(x, lora_A.shape[1]):
             return super().shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)
         return kernel_ops().lora_shrink(x.contiguous(), lora_A.contiguous(), gates.float().contiguous(),
-                                                 scaling.float().contiguous(), seed, seq_len, dropout_p)
+                                        scaling.float().contiguous(), seed, seq_len, dropout_p)
 
     @classmethod
     def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
         if not use_tensor_core_kernels(dy, lora_B.shape[2]):
             return super().dhg_backward(dy, lora_B, H, gates, scaling, seq_len)
         return kernel_ops().lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(),
-                                              gates.float().contiguous(), scaling.float().contiguous(), seq_len)
+                                     gates.float().contiguous(), scaling.float().contiguous(), seq_len)
 
 
-DECODE_MAX_TOKENS = 64  # csrc/personafuse_ops.cpp kDecodeMaxTokens
+DECODE_MAX_TOKENS = 64  # csrc/include/pfk_lora.h kDecodeMaxTokens
 DECODE_MAX_WIDTH = 12288  # E * r, kDecodeMaxWidth
 
 
