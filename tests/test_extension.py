@@ -237,3 +237,22 @@ def test_topk_grouped_cuda_within_3x_of_torch_same_dtype(monkeypatch, dtype, T, 
         assert rel_err(got, ref) <= 3 * rel_err(same_dtype, ref) + 1e-4, name
     again = run(ins, idx, "cuda", dropout_p)
     assert all(torch.equal(a, b) for a, b in zip(out, again)), "the grouped cuda path must be deterministic"
+
+
+def test_python_limits_match_the_cuda_sources():
+    """The Python side's copies of csrc's limits (which path a call takes) agree with the C++ constants."""
+    import re
+    from pathlib import Path
+
+    from personafuse_kernels.ops import routed_lora_cuda, routed_lora_topk_cuda
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    text = (csrc / "include" / "pfk_lora.h").read_text() + (csrc / "topk" / "topk_block.cuh").read_text()
+
+    def const(name):
+        return int(re.search(rf"constexpr int(?:64_t)? {name} = (\d+);", text).group(1))
+
+    assert const("kTensorCoreMaxRank") == routed_lora_cuda.TENSOR_CORE_MAX_RANK
+    assert const("kDecodeMaxTokens") == routed_lora_cuda.DECODE_MAX_TOKENS
+    assert const("kDecodeMaxWidth") == routed_lora_cuda.DECODE_MAX_WIDTH
+    assert const("kMaxBlockPairs") == routed_lora_topk_cuda.MAX_BLOCK_M
