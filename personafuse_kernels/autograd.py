@@ -11,6 +11,8 @@ functional.routed_lora (x [T, K], gates [G, E], seq_len tokens per gate row).
 """
 from __future__ import annotations
 
+import importlib
+
 from typing import Optional
 
 import torch
@@ -114,9 +116,10 @@ class RoutedLoRAFunction(torch.autograd.Function):
 #   RoutedLoRATopKFunction and passed to both ops.
 
 def _topk_ops(backend: str):
-    from .ops import routed_lora_topk_cuda, routed_lora_topk_torch, routed_lora_topk_triton
-
-    return {"torch": routed_lora_topk_torch, "triton": routed_lora_topk_triton, "cuda": routed_lora_topk_cuda}[backend]
+    """ops/routed_lora_topk_<backend>.py, imported on first use (the others, e.g. Triton's, need not be installed)."""
+    if backend not in ("torch", "triton", "cuda"):
+        raise ValueError(f"no top-k ops for backend {backend!r}")
+    return importlib.import_module(f".ops.routed_lora_topk_{backend}", __package__)
 
 
 def _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices):

@@ -266,3 +266,19 @@ def test_topk_gates_validated_inside_torch_compile():
     dup[4, 1] = 0
     with pytest.raises(RuntimeError, match="repeat"):
         cf(x, W, A, B, dup, w)
+
+
+def test_topk_torch_path_works_without_triton_installed():
+    """The top-k ops modules are imported per backend: without Triton, top-k gates on the torch backend work."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, personafuse_kernels as pfk\n"
+            "idx = torch.tensor([[0, 1], [1, 2]]); w = torch.rand(2, 2, requires_grad=True)\n"
+            "y = pfk.routed_lora(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(3, 2, 8), torch.randn(3, 4, 2),"
+            " pfk.TopKGates(idx, w), backend='torch')\n"
+            "y.sum().backward(); assert w.grad is not None; print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
