@@ -152,7 +152,7 @@ def cuda_backend_on_cpu(monkeypatch, emulated_ops):
 
 
 @pytest.mark.parametrize("gates_kind", ["token", "sequence", "top-2 grouped"])
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_public_api_with_the_cuda_backend(cuda_backend_on_cpu, monkeypatch, gates_kind, compiled):
     """pfk.routed_lora(backend="cuda") through functional.py, autograd.py (custom ops and their fake shapes under
     torch.compile(fullgraph=True)) and the cuda ops modules, in bfloat16, against the torch backend."""

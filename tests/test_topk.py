@@ -276,8 +276,8 @@ def test_topk_torch_path_works_without_triton_installed():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, personafuse_kernels as pfk\n"
             "idx = torch.tensor([[0, 1], [1, 2]]); w = torch.rand(2, 2, requires_grad=True)\n"
-            "y = pfk.routed_lora(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(3, 2, 8), torch.randn(3, 4, 2),"
-            " pfk.TopKGates(idx, w), backend='torch')\n"
+            "y = pfk.routed_lora(torch.randn(2, 8), torch.randn(4, 8), None, torch.randn(3, 2, 8),"
+            " torch.randn(3, 4, 2), pfk.TopKGates(idx, w), backend='torch')\n"
             "y.sum().backward(); assert w.grad is not None; print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
