@@ -11,8 +11,6 @@ functional.routed_lora (x [T, K], gates [G, E], seq_len tokens per gate row).
 """
 from __future__ import annotations
 
-import importlib
-
 from typing import Optional
 
 import torch
@@ -116,10 +114,17 @@ class RoutedLoRAFunction(torch.autograd.Function):
 #   RoutedLoRATopKFunction and passed to both ops.
 
 def _topk_ops(backend: str):
-    """ops/routed_lora_topk_<backend>.py, imported on first use (the others, e.g. Triton's, need not be installed)."""
-    if backend not in ("torch", "triton", "cuda"):
+    """ops/routed_lora_topk_<backend>.py, imported on first use (the others, e.g. Triton's, need not be installed).
+    Plain import statements, which torch.compile traces (importlib.import_module it refuses)."""
+    if backend == "torch":
+        from .ops import routed_lora_topk_torch as ops
+    elif backend == "triton":
+        from .ops import routed_lora_topk_triton as ops
+    elif backend == "cuda":
+        from .ops import routed_lora_topk_cuda as ops
+    else:
         raise ValueError(f"no top-k ops for backend {backend!r}")
-    return importlib.import_module(f".ops.routed_lora_topk_{backend}", __package__)
+    return ops
 
 
 def _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices):
