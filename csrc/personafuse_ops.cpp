@@ -195,6 +195,16 @@ void check_rank(int64_t r, const char* op) {
   TORCH_CHECK(r >= 1 && r <= kTensorCoreMaxRank, op, " supports ranks 1 to ", kTensorCoreMaxRank, ", got ", r);
 }
 
+// The device seed of the dropout mask: checked and returned when dropout_p > 0, nullptr when it is 0.
+const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return nullptr;
+  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
+                  seed.device() == ref.device(),
+              "dropout needs a one-element int64 seed on ", ref.device());
+  return seed.data_ptr<int64_t>();
+}
+
 // Large-T forward shrink on tensor cores: (H, Hg), H = drop(x) A_cat^T, Hg = H * (gates * scaling).
 std::tuple<at::Tensor, at::Tensor> lora_shrink(const at::Tensor& x,        // [T, K]
                                                const at::Tensor& lora_A,   // [E, r, K]
@@ -210,19 +220,13 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink(const at::Tensor& x,        // [T
   PFK_CHECK_SHAPE(lora_A, E, r, K);
   check_rank(r, "lora_shrink");
   check_low_precision_operands(x, {&lora_A}, "lora_shrink");
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p > 0.0) {
-    PFK_CHECK_CUDA(seed);
-    PFK_CHECK_DTYPE(seed, at::kLong);
-    TORCH_CHECK(seed.numel() >= 1 && seed.device() == x.device(), "dropout needs a one-element int64 seed on ",
-                x.device());
-  }
+  const int64_t* seed_data = seed_ptr(seed, x, dropout_p);
   at::Tensor H = at::empty({T, E * r}, x.options());
   check_gate_args(H, gates, scaling, E, seq_len);
   at::Tensor Hg = at::empty_like(H);
   const c10::cuda::CUDAGuard guard(x.device());
   const ShrinkArgs a{to_dtype(x, "x"), x.data_ptr(), lora_A.data_ptr(), gates.data_ptr<float>(),
-                     scaling.data_ptr<float>(), dropout_p > 0.0 ? seed.data_ptr<int64_t>() : nullptr, H.data_ptr(),
+                     scaling.data_ptr<float>(), seed_data, H.data_ptr(),
                      Hg.data_ptr(), T, K, static_cast<int>(E), static_cast<int>(r), seq_len,
                      static_cast<float>(dropout_p)};
   const cudaError_t err = launch_lora_shrink(a, c10::cuda::getCurrentCUDAStream().stream());
@@ -290,15 +294,6 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
     rt.num_blocks = static_cast<int>(block_group->numel());
   }
   return rt;
-}
-
-const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
-  if (dropout_p == 0.0) return nullptr;
-  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
-                  seed.device() == ref.device(),
-              "dropout needs a one-element int64 seed on ", ref.device());
-  return seed.data_ptr<int64_t>();
 }
 
 void check_routing_weights(const at::Tensor& w_pair, const at::Tensor& scaling, const at::Tensor& ref, int64_t P,

@@ -44,11 +44,15 @@ struct MmaTile {
   static_assert(BN % 32 == 0, "2 x 2 warps of 16-wide fragments");
 };
 
-// fn(std::integral_constant<int, BN>{}) with BN the narrowest column tile (32, 64 or 128) that holds r columns:
-// for kernels whose tile holds one expert, so that small ranks waste fewer tensor-core columns.
-template <typename Fn>
+// fn(std::integral_constant<int, BN>{}) with BN the narrowest column tile of 32, 64 or 128, and at least
+// kMinWidth, that holds r columns. Kernels whose tile holds one expert take the default, so small ranks waste
+// fewer tensor-core columns; the dense kernels pack several experts per tile and start at 64.
+template <int kMinWidth = 32, typename Fn>
 cudaError_t dispatch_tile_width(int r, Fn&& fn) {
-  if (r <= 32) return fn(std::integral_constant<int, 32>{});
+  static_assert(kMinWidth == 32 || kMinWidth == 64, "tile widths are 32, 64 and 128");
+  if constexpr (kMinWidth == 32) {  // not instantiated at all for kMinWidth = 64
+    if (r <= 32) return fn(std::integral_constant<int, 32>{});
+  }
   if (r <= 64) return fn(std::integral_constant<int, 64>{});
   return fn(std::integral_constant<int, 128>{});
 }

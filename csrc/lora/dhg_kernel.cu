@@ -73,9 +73,10 @@ cudaError_t launch_bn(const DhgArgs& a, cudaStream_t stream) {
                        a.scaling, static_cast<T*>(a.dH), a.dg_tok, a.T, a.N, a.E, a.r, a.seq_len, vec_dy, vec_b);
 }
 
+// Two instantiations per dtype: rank up to 64 (64-column tiles, several experts each) and up to 128.
 template <typename T>
 cudaError_t launch_typed(const DhgArgs& a, cudaStream_t stream) {
-  return a.r <= 64 ? launch_bn<T, 64>(a, stream) : launch_bn<T, 128>(a, stream);
+  return dispatch_tile_width<64>(a.r, [&](auto bn) { return launch_bn<T, decltype(bn)::value>(a, stream); });
 }
 
 }  // namespace

@@ -62,10 +62,10 @@ cudaError_t launch_bn(const ShrinkArgs& a, cudaStream_t stream) {
                        static_cast<T*>(a.H), static_cast<T*>(a.Hg), a.T, a.K, a.E, a.r, a.seq_len, vec, p, scale);
 }
 
-// Two instantiations per dtype: rank up to 64 (64-column tiles) and up to 128 (128-column tiles).
+// Two instantiations per dtype: rank up to 64 (64-column tiles, several experts each) and up to 128.
 template <typename T>
 cudaError_t launch_typed(const ShrinkArgs& a, cudaStream_t stream) {
-  return a.r <= 64 ? launch_bn<T, 64>(a, stream) : launch_bn<T, 128>(a, stream);
+  return dispatch_tile_width<64>(a.r, [&](auto bn) { return launch_bn<T, decltype(bn)::value>(a, stream); });
 }
 
 }  // namespace
