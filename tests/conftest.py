@@ -30,6 +30,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+def assert_within_3x(out: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor, name: str = "tensor",
+                     floor: float = 1e-4):
+    """STYLE.md's low-precision rule: the error of `out` against the float64 reference `ref` is at most 3x the
+    error of the same computation in torch in the same dtype (`same_dtype`), plus a small absolute floor."""
+    err, err_same = rel_err(out, ref), rel_err(same_dtype, ref)
+    assert err <= 3 * err_same + floor, f"{name}: relative error {err:.3e} > 3 x {err_same:.3e} + {floor:g}"
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "tensor", atol: float = 0.0):
     """Relative-norm check that, on failure, prints where the worst elements are."""
     out, ref = out.detach(), ref.detach()

@@ -9,7 +9,7 @@ import personafuse_kernels as pfk
 from personafuse_kernels.ops import routed_lora_triton as rlt
 from personafuse_kernels.ops.dropout import philox_uniform
 
-from conftest import HAS_CUDA, assert_close, rel_err, requires_cuda
+from conftest import HAS_CUDA, assert_close, assert_within_3x, requires_cuda
 from helpers import backward_grads, make_inputs, reference
 
 pytestmark = pytest.mark.skipif("triton" not in pfk.available_backends(),
@@ -114,10 +114,10 @@ def test_low_precision_within_3x_of_torch_same_dtype(dtype):
     ref_in = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     y_lp = run(ref_in, 2.0, "torch")
     g_lp = backward_grads(y_lp, ref_in, dy)
-    assert rel_err(y, y64) <= 3 * rel_err(y_lp, y64) + 1e-4
+    assert_within_3x(y, y_lp, y64, "y")
     for name in GRADS:
         assert g[name].dtype == inputs[name].dtype
-        assert rel_err(g[name], g64[name]) <= 3 * rel_err(g_lp[name], g64[name]) + 1e-4, name
+        assert_within_3x(g[name], g_lp[name], g64[name], name)
 
 
 def force_config(monkeypatch, **fields):
