@@ -89,6 +89,7 @@ def self_test_bf16(backend: str, device: str) -> tuple[bool, float, str]:
     3x the error of the torch backend in bfloat16, both measured against torch in float64. Returns (passed, worst
     error ratio, detail)."""
     import os
+    from unittest import mock
 
     import torch
 
@@ -124,15 +125,8 @@ def self_test_bf16(backend: str, device: str) -> tuple[bool, float, str]:
             y.backward(dy.to(device, dtype))
             return [y.detach()] + [ins[k].grad for k in leaves]
 
-        saved = os.environ.get("PERSONAFUSE_TOPK_PATH")
-        os.environ["PERSONAFUSE_TOPK_PATH"] = "grouped"
-        try:
+        with mock.patch.dict(os.environ, {"PERSONAFUSE_TOPK_PATH": "grouped"}):
             got, same, ref = run(backend, torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
-        finally:
-            if saved is None:
-                os.environ.pop("PERSONAFUSE_TOPK_PATH")
-            else:
-                os.environ["PERSONAFUSE_TOPK_PATH"] = saved
         for name, a, b, c in zip(["y"] + [f"d{k}" for k in leaves], got, same, ref):
             def err(t):
                 return float((t.double() - c.double()).norm() / c.double().norm().clamp_min(1e-30))
