@@ -121,8 +121,8 @@ def make_provider(name: str):
         return torch.compile(stacked_lora, dynamic=False)
     if name == "xlora":
         return xlora_provider()
-    if name.removesuffix("-dense") in OUR_BACKENDS:  # -dense providers get dense gates from the caller
-        backend = name.removesuffix("-dense")
+    backend = name.removesuffix("-dense")  # -dense providers get dense gates from the caller
+    if backend in OUR_BACKENDS:
         return lambda x, W, b, A, B, g, s: routed_lora(x, W, b, A, B, g, scaling=s, backend=backend)
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
 
