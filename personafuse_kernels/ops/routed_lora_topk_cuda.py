@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
-from . import routed_lora_cuda, routed_lora_topk_torch
+from . import routed_lora_cuda, routed_lora_topk_torch, routed_lora_torch
 
 MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
 
@@ -72,7 +72,6 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
     if need_dx:
         dx = dy @ weight
         ops.topk_expand_(dx, 1, dH, lora_A, seed, *_route(meta), dropout_p)
-    dW = dy.t() @ x if need_dW else dy.new_empty(0)
-    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     dweights = dw.view(indices.shape).to(weights.dtype) if need_dw else weights.new_empty(0)
     return dx, dW, db, dA, dB, dweights

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
-from . import triton_grouped_kernels as gk
+from . import routed_lora_torch, triton_grouped_kernels as gk
 from .routed_lora_triton import _dot_args, _num_sms, _pow2, interpreting, triton_cdiv
 
 BLOCK_L = 64
@@ -113,7 +113,6 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
         dx = dy @ weight
         if P:  # lora_A [E, r, K] as M[e, j, n=k] at e*r*K + j*K + k
             _expand(dx, dH, lora_A, (r * K, K, 1), seed, meta, r, dropout_p)
-    dW = dy.t() @ x if need_dW else dy.new_empty(0)
-    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     dweights = dw.view(indices.shape).to(weights.dtype) if need_dw else weights.new_empty(0)
     return dx, dW, db, dA, dB, dweights

@@ -71,6 +71,13 @@ class TorchGateOps:
         return cls.backward(dy @ _b_cat(lora_B), H, gates, scaling, seq_len)
 
 
+def base_weight_grads(dy, x, need_dW: bool, need_db: bool):
+    """(dW [N, K], db [N]) of the base linear, each an empty tensor when not wanted: shared by every backend."""
+    dW = dy.t() @ x if need_dW else dy.new_empty(0)
+    db = dy.sum(0, dtype=_compute_dtype(dy.dtype)).to(dy.dtype) if need_db else dy.new_empty(0)
+    return dW, db
+
+
 def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
     E, N, r = lora_B.shape
     return lora_B.permute(1, 0, 2).reshape(N, E * r)  # [N, E*r]
@@ -105,8 +112,7 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     if need_dx:
         dx_lora = dH @ lora_A.reshape(E * r, K)  # [T, K]
         dx = torch.addmm(apply_dropout(dx_lora, seed, dropout_p), dy, weight)  # drop'(.) uses the same mask
-    dW = dy.t() @ x if need_dW else dy.new_empty(0)  # [N, K]
-    db = dy.sum(0, dtype=_compute_dtype(dy.dtype)).to(dy.dtype) if need_db else dy.new_empty(0)
+    dW, db = base_weight_grads(dy, x, need_dW, need_db)
     dg = dgates.to(gates.dtype) if need_dg else gates.new_empty(0)
     return dx, dW, db, dA, dB, dg
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import interpreting, token_bucket
-from . import triton_kernels as tk
+from . import routed_lora_torch, triton_kernels as tk
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TUNED_DIR = Path(__file__).with_name("triton_configs")
@@ -359,8 +359,7 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
             # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
             dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
                       has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
-    dW = dy.t() @ x if need_dW else dy.new_empty(0)
-    db = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_db else dy.new_empty(0)
+    dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     if need_dg:
         G = gates.shape[0]
         dg = (dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)).to(gates.dtype)
