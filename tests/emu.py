@@ -2,7 +2,8 @@
 so the extension's kernels and launchers run in CI without a GPU, compared with the torch reference like the
 Triton kernels under TRITON_INTERPRET=1.
 
-The library is built once per source hash with g++ (a few seconds) into .pytest_cache. PFK_EMU_SANITIZE=1 builds
+The library is built once per source hash with g++ into .pytest_cache (each source its own cached object, compiled
+in parallel; the kernels' objects are shared by both libraries). PFK_EMU_SANITIZE=1 builds
 it with AddressSanitizer and UBSan (run python with the ASan runtime preloaded: tests/test_cuda_emulated.py's
 memcheck test does this in a subprocess).
 """
@@ -13,6 +14,8 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,25 +36,43 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def _compile(src: Path, flags: list[str], out_dir: Path, headers_digest: bytes) -> Path:
+    """One translation unit to an object file, cached by the hash of its source, every header and the flags (so
+    the kernels compiled once serve both libraries below)."""
+    digest = hashlib.sha256(headers_digest + src.read_bytes() + " ".join(flags).encode())
+    obj = out_dir / f"{src.stem}_{digest.hexdigest()[:16]}.o"
+    if not obj.exists():
+        tmp = obj.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+        cmd = [compiler(), *flags, "-c", "-x", "c++", str(src), "-o", str(tmp)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        if res.returncode != 0:
+            raise RuntimeError(f"building the emulated kernels failed ({src.name}):\n{res.stderr[-4000:]}")
+        os.replace(tmp, obj)
+    return obj
+
+
 def _build(entry: Path, name: str, extra: list[str] = (), link: list[str] = ()) -> Path:
-    """g++ builds csrc/'s kernels (as C++) plus `entry` into a shared library, once per hash of its inputs."""
-    digest = hashlib.sha256()
-    for p in KERNEL_SOURCES + HEADERS + [entry]:
-        digest.update(p.read_bytes())
-    flags = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing", "-DPFK_CUDA_EMULATION",
-             f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc' / 'include'}", *extra]
+    """g++ builds csrc/'s kernels (as C++) plus `entry` into a shared library, once per hash of its inputs. Each
+    source compiles to its own cached object, as many at a time as there are cores."""
+    flags = ["-std=c++20", "-fPIC", "-pthread", "-fno-strict-aliasing", "-DPFK_CUDA_EMULATION",
+             f"-I{EMU / 'include'}", f"-I{ROOT / 'csrc' / 'include'}"]
     flags += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if SANITIZE else ["-O2"]
-    digest.update(" ".join(flags + list(link)).encode())
+    headers = hashlib.sha256()
+    for p in HEADERS:
+        headers.update(p.read_bytes())
     out_dir = ROOT / ".pytest_cache" / "cuda_emu"
     out_dir.mkdir(parents=True, exist_ok=True)
+    units = [(src, flags) for src in KERNEL_SOURCES] + [(entry, flags + list(extra))]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objects = list(pool.map(lambda u: _compile(u[0], u[1], out_dir, headers.digest()), units))
+    digest = hashlib.sha256(" ".join(str(o.name) for o in objects).encode() + " ".join(flags + list(link)).encode())
     lib = out_dir / f"lib{name}_{digest.hexdigest()[:16]}.so"
     if not lib.exists():
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler(), *flags, "-x", "c++", *map(str, KERNEL_SOURCES), "-x", "none", str(entry), *link,
-               "-o", str(tmp)]
+        cmd = [compiler(), *flags, "-shared", *map(str, objects), *link, "-o", str(tmp)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         if res.returncode != 0:
-            raise RuntimeError(f"building the emulated kernels failed:\n{res.stderr[-4000:]}")
+            raise RuntimeError(f"linking the emulated kernels failed:\n{res.stderr[-4000:]}")
         os.replace(tmp, lib)
     return lib
 
