@@ -1,18 +1,17 @@
 """Op-level benchmark: every provider x mode x shape, as ratios to the base F.linear measured in the same run.
 
 Modes: fwd, bwd (backward alone, from a kept graph), fwdbwd (W frozen: grads of x, lora_A, lora_B, gates;
-the base provider computes dx only). Metrics: median ms (GPU: triton.testing.do_bench, L2 flushed before
-each repetition; CPU: perf_counter medians), ratio to base, TFLOP/s from the cost model of DESIGN.md,
-peak MiB allocated above the inputs (GPU). Inputs x and gates rotate among ROTATIONS sets between calls.
+the base provider computes dx only). Metrics: median ms with its quartiles (GPU: triton.testing.do_bench, L2
+flushed before each repetition; CPU: torch.utils.benchmark's adaptive repetition), rows whose interquartile range
+is over 10% of the median flagged as noisy, ratio to base, TFLOP/s from the cost model, peak MiB allocated above
+the inputs (GPU). Inputs x and gates rotate among ROTATIONS sets between calls.
 """
 from __future__ import annotations
 
 import datetime
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,20 +84,49 @@ def flops(mode: str, s: Shape, provider: str) -> float:
     return base + {"fwd": 2, "bwd": 4, "fwdbwd": 6}[mode] * s.T * s.active() * s.r * (s.K + s.N)
 
 
-def median_ms(fn, device: str, grad_to_none=None) -> float:
+CPU_MAX_RUN_S = 2.0  # adaptive CPU timing stops here even when the spread has not settled
+NOISY_SPREAD = 0.10  # a row whose IQR is over 10% of its median is flagged in the table
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Quartiles of one provider's time per call (ms) and how many calls were timed."""
+    median_ms: float
+    q25_ms: float
+    q75_ms: float
+    reps: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range over the median."""
+        return (self.q75_ms - self.q25_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def time_call(fn, device: str, grad_to_none=None) -> Timing:
+    """GPU: triton.testing.do_bench (L2 flushed before each repetition), its quartiles. CPU:
+    torch.utils.benchmark's adaptive repetition (blocks of calls until the IQR settles under 10% of the median or
+    CPU_MAX_RUN_S passes), its median and quartiles over the blocks. Gradients in `grad_to_none` are reset before
+    each call so none accumulates."""
     if device == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(5):
-        for t in grad_to_none or []:
+        q25, med, q75 = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none,
+                                                quantiles=[0.25, 0.5, 0.75])
+        return Timing(float(med), float(q25), float(q75), reps=0)
+    from torch.utils import benchmark
+
+    leaves = list(grad_to_none or [])
+
+    def call():
+        for t in leaves:
             t.grad = None
-        t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+
+    m = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads()).adaptive_autorange(
+        threshold=NOISY_SPREAD, min_run_time=0.01, max_run_time=CPU_MAX_RUN_S)
+    times = sorted(m.times)
+    q25, q75 = (float(torch.tensor(times, dtype=torch.float64).quantile(q)) for q in (0.25, 0.75))
+    return Timing(m.median * 1e3, q25 * 1e3, q75 * 1e3, reps=m.number_per_run * len(m.times))
 
 
 def env_facts() -> dict:
@@ -208,8 +236,11 @@ def _time_provider(name, mode, s, device, W, b, A, B, sets, scale, dy):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    ms = median_ms(fn, device, grad_to_none=leaves)
-    out = {"ms": float(f"{ms:.5g}"), "tflops": float(f"{flops(mode, s, name) / ms / 1e9:.4g}")}
+    timing = time_call(fn, device, grad_to_none=leaves)
+    ms = timing.median_ms
+    out = {"ms": float(f"{ms:.5g}"), "q25_ms": float(f"{timing.q25_ms:.5g}"), "q75_ms": float(f"{timing.q75_ms:.5g}"),
+           "spread": round(timing.spread, 4), "noisy": timing.spread > NOISY_SPREAD, "reps": timing.reps,
+           "tflops": float(f"{flops(mode, s, name) / ms / 1e9:.4g}")}
     if device == "cuda":
         out["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
     for t in leaves:
@@ -248,9 +279,10 @@ def save_rows(rows: list[dict], out: Path, stem: str = "rows") -> list[Path]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Base in ms; every other provider as its ratio to base in the same run ('n/a' where it cannot run)."""
+    """Base in ms; every other provider as its ratio to base in the same run ('n/a' where it cannot run). A cell
+    whose timing spread (IQR over median) is over 10% ends in '~', and a legend line says so."""
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    head = f"{'shape':<40}{'mode':<8}" + "".join(f"{p:>10}" for p in providers)
+    head = f"{'shape':<40}{'mode':<8}" + "".join(f"{p:>10} " for p in providers)
     lines = [head, "-" * len(head)]
     seen = []
     for r in rows:
@@ -264,11 +296,17 @@ def format_table(rows: list[dict]) -> str:
                 cells.append("")
             elif "error" in match[0]:
                 cells.append("n/a")
-            elif p == "base":
-                cells.append(f"{match[0]['ms']:.3f}ms")
             else:
-                cells.append(f"{match[0]['ratio_to_base']:.2f}x")
-        lines.append(f"{key[0].label():<40}{key[1]:<8}" + "".join(f"{c:>10}" for c in cells))
+                r = match[0]
+                cell = f"{r['ms']:.3f}ms" if p == "base" else f"{r['ratio_to_base']:.2f}x"
+                cells.append(cell + ("~" if r.get("noisy") else " "))
+        lines.append(f"{key[0].label():<40}{key[1]:<8}" + "".join(f"{c:>11}" for c in cells))
+    noisy = [r for r in rows if r.get("noisy")]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["spread"])
+        lines.append(f"~ noisy: interquartile range over {NOISY_SPREAD:.0%} of the median in {len(noisy)} of "
+                     f"{sum('ms' in r for r in rows)} timings (worst {worst['spread']:.0%}, {worst['provider']} "
+                     f"{worst['mode']}); rerun on an idle machine before reading those ratios")
     return "\n".join(lines)
 
 

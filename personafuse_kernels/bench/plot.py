@@ -5,16 +5,28 @@ from pathlib import Path
 
 from .kernel_bench import row_key
 
+MISSING_MATPLOTLIB = "matplotlib is not installed: pip install 'personafuse-kernels[bench]' draws bench.png"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None:
-    """Two panels per shape for one mode; returns the PNG path, or None when matplotlib is missing."""
-    try:
-        import matplotlib
+    """Two panels per shape for one mode, each bar with its interquartile range as a whisker; returns the PNG path,
+    or None when there are no rows to draw. Raises ImportError (saying which extra to install) without
+    matplotlib."""
+    if not have_matplotlib():
+        raise ImportError(MISSING_MATPLOTLIB)
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = [r for r in rows if r["mode"] == mode and "error" not in r]
     if not rows:
         return None
@@ -36,10 +48,19 @@ def plot_rows(rows: list[dict], path: Path, mode: str = "fwdbwd") -> Path | None
     width = 0.8 / max(len(providers), 1)
     xs = range(len(keys))
     for i, p in enumerate(providers):
-        ax1.bar([x + i * width for x in xs], [value(k, p, "ratio_to_base") or 0 for k in keys], width, label=p)
+        ratios = [value(k, p, "ratio_to_base") or 0 for k in keys]
+        # whiskers: the provider's quartiles over the base median of the same shape
+        low, high = [], []
+        for k, ratio in zip(keys, ratios):
+            base, q25, q75 = value(k, "base", "ms"), value(k, p, "q25_ms"), value(k, p, "q75_ms")
+            ok = ratio and base and q25 is not None and q75 is not None
+            low.append(max(ratio - q25 / base, 0) if ok else 0)
+            high.append(max(q75 / base - ratio, 0) if ok else 0)
+        ax1.bar([x + i * width for x in xs], ratios, width, label=p, yerr=[low, high], capsize=2,
+                error_kw={"elinewidth": 0.8})
     ax1.axhline(1.0, color="black", linewidth=0.8)
     ax1.set_ylabel("time / base F.linear (lower is better)")
-    ax1.set_title(f"{mode}: ratio to the base linear, same run")
+    ax1.set_title(f"{mode}: ratio to the base linear, same run (whiskers: IQR)")
     width2 = 0.8 / max(len(ours), 1)
     for i, p in enumerate(ours):
         speedups = []
