@@ -16,19 +16,32 @@ Install offline against an existing torch:  pip install --no-build-isolation --n
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "personafuse_kernels"
-VERSION = "0.1.0"
+
+
+def _load_buildtools():
+    """personafuse_kernels/_buildtools.py by path (the package itself imports torch and may not import yet)."""
+    spec = importlib.util.spec_from_file_location("_pfk_buildtools", ROOT / PACKAGE / "_buildtools.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bt = _load_buildtools()
+# the version is written once, in personafuse_kernels/version.py
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / PACKAGE / "version.py").read_text()).group(1)
 
 
 def _say(msg: str) -> None:
@@ -37,53 +50,6 @@ def _say(msg: str) -> None:
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _real_nvcc(path: str) -> str:
-    """Follow symlinks and tiny wrapper scripts (`exec /path/to/nvcc "$@"`) to the real nvcc binary."""
-    real = os.path.realpath(path)
-    try:
-        if os.path.getsize(real) < 4096:
-            text = Path(real).read_text(errors="ignore")
-            match = re.search(r"exec\s+(\S*nvcc)\b", text)
-            if match and os.path.exists(match.group(1)):
-                return _real_nvcc(match.group(1))
-    except OSError:
-        pass
-    return real
-
-
-def find_cuda_home() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
-    nvcc = shutil.which("nvcc")
-    if nvcc is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
-        nvcc = "/usr/local/cuda/bin/nvcc"
-    if nvcc is None:
-        return None
-    home = os.path.dirname(os.path.dirname(_real_nvcc(nvcc)))
-    return home if os.path.isdir(os.path.join(home, "include")) else None
-
-
-def default_max_jobs() -> int:
-    cores = os.cpu_count() or 1
-    try:
-        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem_gib = 8.0
-    return max(1, min(cores, int(mem_gib // 3)))  # nvcc with torch headers peaks near 3 GiB per job
-
-
-def nvidia_wheel_includes() -> list[str]:
-    """Header folders of the nvidia-* wheels that CUDA builds of torch pull in (cublas, cusparse, ...)."""
-    found = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        root = Path(base) / "nvidia"
-        if root.is_dir():
-            found += sorted(str(p) for p in root.glob("*/include") if p.is_dir())
-    return found
 
 
 def write_build_info(**facts) -> None:
@@ -108,7 +74,7 @@ def cuda_extensions():
     if _flag("PERSONAFUSE_SKIP_CUDA_BUILD"):
         facts["skip_reason"] = "PERSONAFUSE_SKIP_CUDA_BUILD=1"
         return [], {}, facts
-    cuda_home = find_cuda_home()
+    cuda_home = bt.find_cuda_home()
     reason = ""
     if torch.version.cuda is None:
         reason = f"torch {torch.__version__} is a CPU-only build (a CUDA build of torch is needed to link)"
@@ -122,20 +88,16 @@ def cuda_extensions():
 
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
     os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", bt.DEFAULT_ARCH_LIST)
+    os.environ.setdefault("MAX_JOBS", str(bt.default_max_jobs()))
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     csrc = ROOT / "csrc"
-    sources = [str(p.relative_to(ROOT)) for p in sorted(csrc.rglob("*.cpp")) + sorted(csrc.rglob("*.cu"))]
     ext = CUDAExtension(
         name=f"{PACKAGE}._C",
-        sources=sources,
-        include_dirs=[str(csrc / "include")] + nvidia_wheel_includes(),
-        extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
-        },
+        sources=[str(p.relative_to(ROOT)) for p in bt.extension_sources(csrc)],
+        include_dirs=bt.include_dirs(csrc),
+        extra_compile_args={"cxx": bt.CXX_FLAGS, "nvcc": bt.NVCC_FLAGS},
     )
     facts.update(extension_built=True, cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"], cuda_home=cuda_home)
     try:
@@ -146,6 +108,18 @@ def cuda_extensions():
     _say(f"building {PACKAGE}._C for archs {facts['cuda_arch_list']} with CUDA_HOME={cuda_home}, "
          f"MAX_JOBS={os.environ['MAX_JOBS']}")
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, facts
+
+
+class BuildPyWithSources(build_py):
+    """Also copies csrc/ into the built package as personafuse_kernels/_csrc, so an install made without the
+    extension (an isolated build, no nvcc) can still compile it on first use (the JIT path in _extension.py)."""
+
+    def run(self):
+        super().run()
+        if not self.dry_run and not getattr(self, "editable_mode", False):  # an editable install reads csrc/
+            target = Path(self.build_lib) / PACKAGE / "_csrc"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(ROOT / "csrc", target)
 
 
 ext_modules, cmdclass, facts = cuda_extensions()
@@ -164,19 +138,28 @@ setup(
     description="Fused routed multi-adapter LoRA (PersonaFuse) layers: Triton and CUDA kernels, forward and backward",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    # the library, and python/ (the runnable recipes) installed as `personafuse_recipes` for `personafuse demo`
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]) + ["personafuse_recipes"],
-    package_dir={"personafuse_recipes": "python"},
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),  # python/ holds scripts, not a package
     package_data={PACKAGE: ["data/*.json", "ops/triton_configs/*.json", "ops/dispatch_tables/*.json"]},
     entry_points={"console_scripts": ["personafuse = personafuse_kernels.cli:main"]},
+    license="Apache-2.0",
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Developers",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "tqdm", "safetensors"],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors", "peft"],
-        "bench": ["matplotlib", "pytest-benchmark"],
-        "test": ["pytest", "transformers>=4.40", "safetensors", "peft", "accelerate", "matplotlib"],
+        "hf": ["transformers>=4.40", "peft", "accelerate"],       # inject into / load from Hugging Face models
+        "bench": ["matplotlib", "pytest-benchmark", "peft"],     # `personafuse bench`: the plot, X-LoRA baseline
+        "test": ["pytest", "transformers>=4.40", "peft", "accelerate", "matplotlib", "pytest-benchmark", "ninja"],
     },
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithSources, **cmdclass},
     zip_safe=False,
 )

@@ -13,16 +13,27 @@ Public API:
 from .build_info import build_info
 from .dispatch import available_backends, unavailable_reasons
 from .functional import routed_lora
-from .integration import (export_peft, from_peft, hold_sequence_gates, inject_routed_lora, load_adapters, merge,
-                          named_routed_layers, persona_gates, routed_layers, router_aux_losses, routing_inputs,
-                          save_adapters, unmerge)
+from .integration import (
+                          export_peft,
+                          from_peft,
+                          hold_sequence_gates,
+                          inject_routed_lora,
+                          load_adapters,
+                          merge,
+                          named_routed_layers,
+                          persona_gates,
+                          routed_layers,
+                          router_aux_losses,
+                          routing_inputs,
+                          save_adapters,
+                          unmerge,
+)
 from .modules import RoutedLoRALinear
 from .routing import RouterOutput, SequenceRouter, TokenRouter, TopKGates
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
-    "routed_lora", "available_backends", "unavailable_reasons", "build_info",
+    "__version__", "routed_lora", "available_backends", "unavailable_reasons", "build_info",
     "RoutedLoRALinear", "TokenRouter", "SequenceRouter", "RouterOutput", "TopKGates",
     "inject_routed_lora", "from_peft", "export_peft", "save_adapters", "load_adapters", "merge", "unmerge",
     "persona_gates", "router_aux_losses", "hold_sequence_gates", "routed_layers", "named_routed_layers",
