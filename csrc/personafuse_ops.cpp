@@ -38,10 +38,14 @@ namespace {
 
 DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
 }
 
@@ -50,7 +54,7 @@ void check_gate_args(const at::Tensor& H, const at::Tensor& gates, const at::Ten
   PFK_CHECK_INPUT(H);
   PFK_CHECK_INPUT(gates);
   PFK_CHECK_INPUT(scaling);
-  PFK_CHECK_DIM(H, 2);     // [T, E*r]
+  PFK_CHECK_DIM(H, 2);      // [T, E*r]
   PFK_CHECK_DIM(gates, 2);  // [T / seq_len, E]
   PFK_CHECK_DTYPE(gates, at::kFloat);
   PFK_CHECK_DTYPE(scaling, at::kFloat);
@@ -78,8 +82,8 @@ at::Tensor gate_forward(const at::Tensor& H,        // [T, E*r]
   at::Tensor Hg = at::empty_like(H);
   const int64_t T = H.size(0);
   const cudaError_t err =
-      launch_gate_forward(dtype, H.data_ptr(), gates.data_ptr<float>(), scaling.data_ptr<float>(), Hg.data_ptr(), T,
-                          E, H.size(1) / E, seq_len, c10::cuda::getCurrentCUDAStream().stream());
+      launch_gate_forward(dtype, H.data_ptr(), gates.data_ptr<float>(), scaling.data_ptr<float>(), Hg.data_ptr(), T, E,
+                          H.size(1) / E, seq_len, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse gate_forward launch failed: ", cudaGetErrorString(err));
   return Hg;
 }
@@ -94,29 +98,29 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& dHg,      // 
   check_gate_args(H, gates, scaling, E, seq_len);
   PFK_CHECK_INPUT(dHg);
   TORCH_CHECK(dHg.sizes() == H.sizes(), "dHg must have H's shape ", H.sizes(), ", got ", dHg.sizes());
-  TORCH_CHECK(dHg.scalar_type() == H.scalar_type(), "dHg and H must share a dtype, got ", dHg.scalar_type(),
-              " and ", H.scalar_type());
+  TORCH_CHECK(dHg.scalar_type() == H.scalar_type(), "dHg and H must share a dtype, got ", dHg.scalar_type(), " and ",
+              H.scalar_type());
   const DType dtype = to_dtype(H, "H");
   const c10::cuda::CUDAGuard guard(H.device());
   const int64_t T = H.size(0);
   at::Tensor dH = at::empty_like(H);
   at::Tensor dgates = at::empty({T / seq_len, E}, gates.options());
   at::Tensor dg_tok = seq_len == 1 ? dgates : at::empty({T, E}, gates.options());
-  const cudaError_t err = launch_gate_backward(dtype, dHg.data_ptr(), H.data_ptr(), gates.data_ptr<float>(),
-                                               scaling.data_ptr<float>(), dH.data_ptr(), dg_tok.data_ptr<float>(),
-                                               dgates.data_ptr<float>(), T, E, H.size(1) / E, seq_len,
-                                               c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      launch_gate_backward(dtype, dHg.data_ptr(), H.data_ptr(), gates.data_ptr<float>(), scaling.data_ptr<float>(),
+                           dH.data_ptr(), dg_tok.data_ptr<float>(), dgates.data_ptr<float>(), T, E, H.size(1) / E,
+                           seq_len, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse gate_backward launch failed: ", cudaGetErrorString(err));
   return {dH, dgates};
 }
 
 // y += LoRA branch for T <= 64 in one launch; returns H [T, E*r] (kept for backward).
-at::Tensor lora_decode_(at::Tensor& y,               // [T, N]
-                        const at::Tensor& x,         // [T, K]
-                        const at::Tensor& lora_A,    // [E, r, K]
-                        const at::Tensor& lora_B,    // [E, N, r]
-                        const at::Tensor& gates,     // [T / seq_len, E] float32
-                        const at::Tensor& scaling,   // [E] float32
+at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
+                        const at::Tensor& x,        // [T, K]
+                        const at::Tensor& lora_A,   // [E, r, K]
+                        const at::Tensor& lora_B,   // [E, N, r]
+                        const at::Tensor& gates,    // [T / seq_len, E] float32
+                        const at::Tensor& scaling,  // [E] float32
                         int64_t seq_len) {
   using Ptrs = std::initializer_list<const at::Tensor*>;
   for (const at::Tensor* t : Ptrs{&y, &x, &lora_A, &lora_B, &gates, &scaling}) {
@@ -199,9 +203,9 @@ void check_rank(int64_t r, const char* op) {
 const int64_t* seed_ptr(const at::Tensor& seed, const at::Tensor& ref, double dropout_p) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p == 0.0) return nullptr;
-  TORCH_CHECK(PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
-                  seed.device() == ref.device(),
-              "dropout needs a one-element int64 seed on ", ref.device());
+  TORCH_CHECK(
+      PFK_ON_DEVICE(seed) && seed.scalar_type() == at::kLong && seed.numel() >= 1 && seed.device() == ref.device(),
+      "dropout needs a one-element int64 seed on ", ref.device());
   return seed.data_ptr<int64_t>();
 }
 
@@ -225,9 +229,19 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink(const at::Tensor& x,        // [T
   check_gate_args(H, gates, scaling, E, seq_len);
   at::Tensor Hg = at::empty_like(H);
   const c10::cuda::CUDAGuard guard(x.device());
-  const ShrinkArgs a{to_dtype(x, "x"), x.data_ptr(), lora_A.data_ptr(), gates.data_ptr<float>(),
-                     scaling.data_ptr<float>(), seed_data, H.data_ptr(),
-                     Hg.data_ptr(), T, K, static_cast<int>(E), static_cast<int>(r), seq_len,
+  const ShrinkArgs a{to_dtype(x, "x"),
+                     x.data_ptr(),
+                     lora_A.data_ptr(),
+                     gates.data_ptr<float>(),
+                     scaling.data_ptr<float>(),
+                     seed_data,
+                     H.data_ptr(),
+                     Hg.data_ptr(),
+                     T,
+                     K,
+                     static_cast<int>(E),
+                     static_cast<int>(r),
+                     seq_len,
                      static_cast<float>(dropout_p)};
   const cudaError_t err = launch_lora_shrink(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse lora_shrink launch failed: ", cudaGetErrorString(err));
@@ -255,9 +269,20 @@ std::tuple<at::Tensor, at::Tensor> lora_dhg(const at::Tensor& dy,       // [T, N
   at::Tensor dH = at::empty_like(H);
   at::Tensor dgates = at::empty({T / seq_len, E}, gates.options());
   at::Tensor dg_tok = seq_len == 1 ? dgates : at::empty({T, E}, gates.options());
-  const DhgArgs a{to_dtype(dy, "dy"), dy.data_ptr(), lora_B.data_ptr(), H.data_ptr(), gates.data_ptr<float>(),
-                  scaling.data_ptr<float>(), dH.data_ptr(), dg_tok.data_ptr<float>(), dgates.data_ptr<float>(), T, N,
-                  static_cast<int>(E), static_cast<int>(r), seq_len};
+  const DhgArgs a{to_dtype(dy, "dy"),
+                  dy.data_ptr(),
+                  lora_B.data_ptr(),
+                  H.data_ptr(),
+                  gates.data_ptr<float>(),
+                  scaling.data_ptr<float>(),
+                  dH.data_ptr(),
+                  dg_tok.data_ptr<float>(),
+                  dgates.data_ptr<float>(),
+                  T,
+                  N,
+                  static_cast<int>(E),
+                  static_cast<int>(r),
+                  seq_len};
   const cudaError_t err = launch_lora_dhg(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse lora_dhg launch failed: ", cudaGetErrorString(err));
   return {dH, dgates};
@@ -284,7 +309,7 @@ RoutingArgs routing_args(const at::Tensor& ref, const at::Tensor& sorted_pairs, 
                 " entries, got ", group_start.numel());
   }
   RoutingArgs rt{sorted_pairs.data_ptr<int>(), group_start.data_ptr<int>(), nullptr, nullptr, 0,
-                 static_cast<int>(block_m), static_cast<int>(k)};
+                 static_cast<int>(block_m),    static_cast<int>(k)};
   if (block_group) {
     TORCH_CHECK(block_start && block_group->numel() == block_start->numel(),
                 "block_group and block_start must have the same length");
@@ -333,9 +358,22 @@ std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor
   check_routing_weights(w_pair, scaling, X, P, E);
   const RoutingArgs rt = routing_args(X, sorted_pairs, group_start, &block_group, &block_start, block_m, k, P, E);
   const c10::cuda::CUDAGuard guard(X.device());
-  TopkPairArgs a{to_dtype(X, "X"), static_cast<int>(mode), X.data_ptr(), M.data_ptr(), w_pair.data_ptr<float>(),
-                 scaling.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr, nullptr, L, static_cast<int>(E),
-                 static_cast<int>(r), 0.f, rt};
+  TopkPairArgs a{to_dtype(X, "X"),
+                 static_cast<int>(mode),
+                 X.data_ptr(),
+                 M.data_ptr(),
+                 w_pair.data_ptr<float>(),
+                 scaling.data_ptr<float>(),
+                 nullptr,
+                 nullptr,
+                 nullptr,
+                 nullptr,
+                 nullptr,
+                 L,
+                 static_cast<int>(E),
+                 static_cast<int>(r),
+                 0.f,
+                 rt};
   at::Tensor first, second;
   if (mode == 0) {
     a.seed = seed_ptr(seed, X, dropout_p);
@@ -381,12 +419,19 @@ void topk_expand_(at::Tensor& out, int64_t mode, const at::Tensor& X2, const at:
   PFK_CHECK_SHAPE(X2, T * k, r);
   check_rank(r, "topk_expand_");
   check_low_precision_operands(out, {&X2, &M}, "topk_expand_");
-  const RoutingArgs rt =
-      routing_args(out, sorted_pairs, group_start, &block_group, &block_start, block_m, k, T * k, E);
+  const RoutingArgs rt = routing_args(out, sorted_pairs, group_start, &block_group, &block_start, block_m, k, T * k, E);
   const c10::cuda::CUDAGuard guard(out.device());
-  const TopkExpandArgs a{to_dtype(out, "out"), static_cast<int>(mode), X2.data_ptr(), M.data_ptr(), out.data_ptr(),
-                         mode == 1 ? seed_ptr(seed, out, dropout_p) : nullptr, n_out, static_cast<int>(E),
-                         static_cast<int>(r), mode == 1 ? static_cast<float>(dropout_p) : 0.f, rt};
+  const TopkExpandArgs a{to_dtype(out, "out"),
+                         static_cast<int>(mode),
+                         X2.data_ptr(),
+                         M.data_ptr(),
+                         out.data_ptr(),
+                         mode == 1 ? seed_ptr(seed, out, dropout_p) : nullptr,
+                         n_out,
+                         static_cast<int>(E),
+                         static_cast<int>(r),
+                         mode == 1 ? static_cast<float>(dropout_p) : 0.f,
+                         rt};
   const cudaError_t err = launch_topk_expand(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse topk_expand_ launch failed: ", cudaGetErrorString(err));
 }
@@ -411,10 +456,19 @@ at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, co
   const RoutingArgs rt = routing_args(P, sorted_pairs, group_start, nullptr, nullptr, 0, k, T * k, E);
   const c10::cuda::CUDAGuard guard(P.device());
   at::Tensor out = mode == 0 ? at::empty({E, width, r}, P.options()) : at::empty({E, r, width}, P.options());
-  const TopkWgradArgs a{to_dtype(P, "P"), static_cast<int>(mode), P.data_ptr(), Q.data_ptr(), w_pair.data_ptr<float>(),
-                        scaling.data_ptr<float>(), mode == 1 ? seed_ptr(seed, P, dropout_p) : nullptr, out.data_ptr(),
-                        width, static_cast<int>(E), static_cast<int>(r),
-                        mode == 1 ? static_cast<float>(dropout_p) : 0.f, rt};
+  const TopkWgradArgs a{to_dtype(P, "P"),
+                        static_cast<int>(mode),
+                        P.data_ptr(),
+                        Q.data_ptr(),
+                        w_pair.data_ptr<float>(),
+                        scaling.data_ptr<float>(),
+                        mode == 1 ? seed_ptr(seed, P, dropout_p) : nullptr,
+                        out.data_ptr(),
+                        width,
+                        static_cast<int>(E),
+                        static_cast<int>(r),
+                        mode == 1 ? static_cast<float>(dropout_p) : 0.f,
+                        rt};
   const cudaError_t err = launch_topk_wgrad(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse topk_wgrad launch failed: ", cudaGetErrorString(err));
   return out;
@@ -426,18 +480,23 @@ at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, co
 PFK_TORCH_LIBRARY(PFK_LIBRARY, m) {
   m.def("gate_forward(Tensor H, Tensor gates, Tensor scaling, int seq_len) -> Tensor");
   m.def("gate_backward(Tensor dHg, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
-  m.def("lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
-        "int seq_len) -> Tensor");
-  m.def("lora_shrink(Tensor x, Tensor lora_A, Tensor gates, Tensor scaling, Tensor seed, int seq_len, "
-        "float dropout_p) -> (Tensor, Tensor)");
+  m.def(
+      "lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
+      "int seq_len) -> Tensor");
+  m.def(
+      "lora_shrink(Tensor x, Tensor lora_A, Tensor gates, Tensor scaling, Tensor seed, int seq_len, "
+      "float dropout_p) -> (Tensor, Tensor)");
   m.def("lora_dhg(Tensor dy, Tensor lora_B, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
-  m.def("topk_pair_gemm(int mode, Tensor X, Tensor M, Tensor w_pair, Tensor scaling, Tensor seed, Tensor? H, "
-        "Tensor sorted_pairs, Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, "
-        "float dropout_p) -> (Tensor, Tensor)");
-  m.def("topk_expand_(Tensor(a!) out, int mode, Tensor X2, Tensor M, Tensor seed, Tensor sorted_pairs, "
-        "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, float dropout_p) -> ()");
-  m.def("topk_wgrad(int mode, Tensor P, Tensor Q, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
-        "Tensor group_start, int num_experts, int k, float dropout_p) -> Tensor");
+  m.def(
+      "topk_pair_gemm(int mode, Tensor X, Tensor M, Tensor w_pair, Tensor scaling, Tensor seed, Tensor? H, "
+      "Tensor sorted_pairs, Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, "
+      "float dropout_p) -> (Tensor, Tensor)");
+  m.def(
+      "topk_expand_(Tensor(a!) out, int mode, Tensor X2, Tensor M, Tensor seed, Tensor sorted_pairs, "
+      "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, float dropout_p) -> ()");
+  m.def(
+      "topk_wgrad(int mode, Tensor P, Tensor Q, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
+      "Tensor group_start, int num_experts, int k, float dropout_p) -> Tensor");
 }
 
 PFK_TORCH_LIBRARY_IMPL(PFK_LIBRARY, PFK_DISPATCH_KEY, m) {
@@ -453,6 +512,6 @@ PFK_TORCH_LIBRARY_IMPL(PFK_LIBRARY, PFK_DISPATCH_KEY, m) {
 
 // A Python module with no functions: importing personafuse_kernels._C loads the library and runs the
 // registrations above. (No pybind11: it would add a minute of compile time for nothing.)
-static struct PyModuleDef pfk_module = {PyModuleDef_HEAD_INIT, "_C", "personafuse CUDA ops (torch.ops.personafuse)",
-                                        -1, nullptr};
+static struct PyModuleDef pfk_module = {PyModuleDef_HEAD_INIT, "_C", "personafuse CUDA ops (torch.ops.personafuse)", -1,
+                                        nullptr};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&pfk_module); }

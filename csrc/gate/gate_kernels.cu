@@ -1,4 +1,4 @@
-// Gate step of the routed LoRA forward and backward (see ../shared DESIGN.md, "The math"):
+// Gate step of the routed LoRA forward and backward (docs/design.md, "The math every backend implements"):
 //   forward:  Hg = H * (s_e * g[t, e])                  elementwise over [T, E*r]
 //   backward: dH = dHg * (s_e * g[t, e]),  dg[t, e] = s_e * sum_j dHg[t, e, j] * H[t, e, j]
 // Per-sequence gates (g[t] = g_seq[t / seq_len]) are expanded on the fly, never materialized as [T, E].
@@ -18,8 +18,8 @@ constexpr int kThreads = 256;
 // One thread per element of H; consecutive threads touch consecutive columns (coalesced).
 template <typename T>
 __global__ void gate_forward_kernel(const T* __restrict__ H, const float* __restrict__ gates,
-                                    const float* __restrict__ scaling, T* __restrict__ Hg, int64_t T_,
-                                    int64_t E, int64_t r, int64_t seq_len) {
+                                    const float* __restrict__ scaling, T* __restrict__ Hg, int64_t T_, int64_t E,
+                                    int64_t r, int64_t seq_len) {
   using A = float;
   const int64_t width = E * r;
   const int64_t total = T_ * width;
@@ -35,8 +35,8 @@ __global__ void gate_forward_kernel(const T* __restrict__ H, const float* __rest
 template <typename T>
 __global__ void gate_backward_kernel(const T* __restrict__ dHg, const T* __restrict__ H,
                                      const float* __restrict__ gates, const float* __restrict__ scaling,
-                                     T* __restrict__ dH, float* __restrict__ dg_tok, int64_t T_, int64_t E,
-                                     int64_t r, int64_t seq_len) {
+                                     T* __restrict__ dH, float* __restrict__ dg_tok, int64_t T_, int64_t E, int64_t r,
+                                     int64_t seq_len) {
   using A = float;
   const int64_t total = T_ * E;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -79,12 +79,12 @@ int grid_for(int64_t n) {
 }
 
 template <typename T>
-cudaError_t gate_forward_impl(const void* H, const float* gates, const float* scaling, void* Hg, int64_t T_,
-                              int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream) {
+cudaError_t gate_forward_impl(const void* H, const float* gates, const float* scaling, void* Hg, int64_t T_, int64_t E,
+                              int64_t r, int64_t seq_len, cudaStream_t stream) {
   const int64_t n = T_ * E * r;
   if (n == 0) return cudaSuccess;
-  return launch_kernel(gate_forward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream,
-                       static_cast<const T*>(H), gates, scaling, static_cast<T*>(Hg), T_, E, r, seq_len);
+  return launch_kernel(gate_forward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, static_cast<const T*>(H),
+                       gates, scaling, static_cast<T*>(Hg), T_, E, r, seq_len);
 }
 
 template <typename T>
@@ -93,9 +93,9 @@ cudaError_t gate_backward_impl(const void* dHg, const void* H, const float* gate
                                cudaStream_t stream) {
   const int64_t n = T_ * E;
   if (n == 0) return cudaSuccess;
-  cudaError_t err = launch_kernel(gate_backward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream,
-                                  static_cast<const T*>(dHg), static_cast<const T*>(H), gates, scaling,
-                                  static_cast<T*>(dH), dg_tok, T_, E, r, seq_len);
+  cudaError_t err =
+      launch_kernel(gate_backward_kernel<T>, dim3(grid_for(n)), dim3(kThreads), 0, stream, static_cast<const T*>(dHg),
+                    static_cast<const T*>(H), gates, scaling, static_cast<T*>(dH), dg_tok, T_, E, r, seq_len);
   if (err != cudaSuccess || seq_len == 1) return err;
   return launch_sequence_sum(dg_tok, dgates, T_ / seq_len, E, seq_len, stream);
 }
@@ -105,23 +105,26 @@ cudaError_t gate_backward_impl(const void* dHg, const void* H, const float* gate
 cudaError_t launch_sequence_sum(const float* dg_tok, float* dgates, int64_t num_seq, int64_t E, int64_t seq_len,
                                 cudaStream_t stream) {
   if (num_seq * E == 0) return cudaSuccess;
-  return launch_kernel(sequence_sum_kernel, dim3(static_cast<unsigned>(num_seq * E)), dim3(kThreads), 0, stream,
-                       dg_tok, dgates, E, seq_len);
+  return launch_kernel(sequence_sum_kernel, dim3(static_cast<unsigned>(num_seq * E)), dim3(kThreads), 0, stream, dg_tok,
+                       dgates, E, seq_len);
 }
 
 cudaError_t launch_gate_forward(DType dtype, const void* H, const float* gates, const float* scaling, void* Hg,
                                 int64_t T, int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return gate_forward_impl<float>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
-    case DType::kFloat16: return gate_forward_impl<__half>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
-    case DType::kBFloat16: return gate_forward_impl<__nv_bfloat16>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
+    case DType::kFloat32:
+      return gate_forward_impl<float>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
+    case DType::kFloat16:
+      return gate_forward_impl<__half>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
+    case DType::kBFloat16:
+      return gate_forward_impl<__nv_bfloat16>(H, gates, scaling, Hg, T, E, r, seq_len, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_gate_backward(DType dtype, const void* dHg, const void* H, const float* gates,
-                                 const float* scaling, void* dH, float* dg_tok, float* dgates, int64_t T, int64_t E,
-                                 int64_t r, int64_t seq_len, cudaStream_t stream) {
+cudaError_t launch_gate_backward(DType dtype, const void* dHg, const void* H, const float* gates, const float* scaling,
+                                 void* dH, float* dg_tok, float* dgates, int64_t T, int64_t E, int64_t r,
+                                 int64_t seq_len, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
       return gate_backward_impl<float>(dHg, H, gates, scaling, dH, dg_tok, dgates, T, E, r, seq_len, stream);

@@ -14,7 +14,7 @@
 #define PFK_CHECK_DTYPE(t, dt) \
   TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt), ", got ", (t).scalar_type())
 #define PFK_CHECK_DIM(t, d) TORCH_CHECK((t).dim() == (d), #t " must have ", (d), " dims, got shape ", (t).sizes())
-#define PFK_CHECK_SHAPE(t, ...)                                                                         \
+#define PFK_CHECK_SHAPE(t, ...)                                                                              \
   TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape (" #__VA_ARGS__ "), got ", \
               (t).sizes())
 #define PFK_CHECK_INPUT(t) \

@@ -14,9 +14,12 @@ namespace personafuse {
 template <typename Fn>
 cudaError_t dispatch_16bit(DType dtype, Fn&& fn) {
   switch (dtype) {
-    case DType::kFloat16: return fn(__half{});
-    case DType::kBFloat16: return fn(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat16:
+      return fn(__half{});
+    case DType::kBFloat16:
+      return fn(__nv_bfloat16{});
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
@@ -27,9 +30,13 @@ __host__ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __b
 template <typename T>
 __host__ __device__ __forceinline__ T from_float(float v);
 template <>
-__host__ __device__ __forceinline__ float from_float<float>(float v) { return v; }
+__host__ __device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
 template <>
-__host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
 template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -37,7 +44,9 @@ __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(floa
 
 // The value rounded to T and back: what a tensor of dtype T holds.
 template <typename T>
-__host__ __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+__host__ __device__ __forceinline__ float round_to(float v) {
+  return to_float(from_float<T>(v));
+}
 
 // 8 consecutive 16-bit elements as floats: one 16-byte load when VEC (p 16-byte aligned), else 8 loads.
 template <typename T, bool VEC>

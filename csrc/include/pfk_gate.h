@@ -20,9 +20,9 @@ cudaError_t launch_gate_forward(DType dtype, const void* H, const float* gates, 
 // dgates[s, e]    = sum over the seq_len tokens t of sequence s of dg_tok[t, e] (fixed order: deterministic)
 //   dHg, H, dH: [T, E*r] (dtype); gates, dgates: [T / seq_len, E] float32; dg_tok: [T, E] float32 scratch
 //   (may alias dgates when seq_len == 1)
-cudaError_t launch_gate_backward(DType dtype, const void* dHg, const void* H, const float* gates,
-                                 const float* scaling, void* dH, float* dg_tok, float* dgates, int64_t T,
-                                 int64_t E, int64_t r, int64_t seq_len, cudaStream_t stream);
+cudaError_t launch_gate_backward(DType dtype, const void* dHg, const void* H, const float* gates, const float* scaling,
+                                 void* dH, float* dg_tok, float* dgates, int64_t T, int64_t E, int64_t r,
+                                 int64_t seq_len, cudaStream_t stream);
 
 // dgates[s, e] = sum_{k < seq_len} dg_tok[s * seq_len + k, e], one block per (s, e), fixed order.
 cudaError_t launch_sequence_sum(const float* dg_tok, float* dgates, int64_t num_seq, int64_t E, int64_t seq_len,

@@ -8,7 +8,7 @@
 
 // Dynamic shared memory of a kernel, 128-byte aligned (WMMA wants 32): PFK_DYNAMIC_SMEM(float, smem);
 #ifndef PFK_CUDA_EMULATION
-#define PFK_DYNAMIC_SMEM(type, name)                          \
+#define PFK_DYNAMIC_SMEM(type, name)                         \
   extern __shared__ __align__(128) unsigned char pfk_smem[]; \
   type* name = reinterpret_cast<type*>(pfk_smem)
 #endif
@@ -17,14 +17,16 @@ namespace personafuse {
 
 // kernel<<<grid, block, smem, stream>>>(args...), returning the launch error.
 template <typename... P, typename... A>
-cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                          A... args) {
+cudaError_t launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A... args) {
   static_assert(sizeof...(P) == sizeof...(A), "launch_kernel: wrong number of kernel arguments");
 #ifdef PFK_CUDA_EMULATION
   (void)stream;
   return ::pfk_emu::launch(kernel, grid, block, smem, /*cooperative=*/false, static_cast<P>(args)...);
 #else
+  // clang-format reads a .cuh as C++ and would split the >>> of the launch:
+  // clang-format off
   kernel<<<grid, block, smem, stream>>>(static_cast<P>(args)...);
+  // clang-format on
   return cudaGetLastError();
 #endif
 }
@@ -41,10 +43,12 @@ cudaError_t launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 block, size
 #else
   std::tuple<P...> typed(static_cast<P>(args)...);
   void* ptrs[sizeof...(P) > 0 ? sizeof...(P) : 1];
-  std::apply([&ptrs](auto&... a) {
-    int i = 0;
-    ((ptrs[i++] = static_cast<void*>(&a)), ...);
-  }, typed);
+  std::apply(
+      [&ptrs](auto&... a) {
+        int i = 0;
+        ((ptrs[i++] = static_cast<void*>(&a)), ...);
+      },
+      typed);
   return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, ptrs, smem, stream);
 #endif
 }

@@ -30,10 +30,10 @@ struct MmaTile {
   static constexpr int LDA_ROW = BK + 8, LDA_COL = BM + 8;  // As [BM][LDA_ROW] or [BK][LDA_COL]
   static constexpr int LDB_COL = BK + 8, LDB_ROW = BN + 8;  // Bs [BN][LDB_COL] or [BK][LDB_ROW]
   static constexpr int LDC = BN + 4;                        // Cs [BM][LDC] fp32, aliasing As and Bs afterwards
-  static constexpr size_t kAElems = (size_t)BM * LDA_ROW > (size_t)BK * LDA_COL ? (size_t)BM * LDA_ROW
-                                                                                : (size_t)BK * LDA_COL;
-  static constexpr size_t kBElems = (size_t)BN * LDB_COL > (size_t)BK * LDB_ROW ? (size_t)BN * LDB_COL
-                                                                                : (size_t)BK * LDB_ROW;
+  static constexpr size_t kAElems =
+      (size_t)BM * LDA_ROW > (size_t)BK* LDA_COL ? (size_t)BM * LDA_ROW : (size_t)BK * LDA_COL;
+  static constexpr size_t kBElems =
+      (size_t)BN * LDB_COL > (size_t)BK* LDB_ROW ? (size_t)BN * LDB_COL : (size_t)BK * LDB_ROW;
   static constexpr size_t kEpilogueBytes = (size_t)BM * LDC * sizeof(float);
   // Bytes of the main loop / epilogue union, rounded to 128 so that extra arrays can follow it.
   __host__ __device__ static constexpr size_t union_bytes(size_t elem) {
@@ -59,7 +59,9 @@ cudaError_t dispatch_tile_width(int r, Fn&& fn) {
 
 // Experts per column tile for rank r (whole experts per tile, so per-expert reductions stay in one block).
 template <int BN>
-__host__ __device__ __forceinline__ int experts_per_tile(int r) { return r >= BN ? 1 : BN / r; }
+__host__ __device__ __forceinline__ int experts_per_tile(int r) {
+  return r >= BN ? 1 : BN / r;
+}
 
 // Row maps: local row index -> global row, or -1 outside the matrix.
 struct DenseRows {
@@ -103,8 +105,8 @@ __device__ __forceinline__ void finish8(float v[8], int row, int64_t grow, int64
 // reduction dimension contiguous (an A row_major or B col_major tile). vec: 16-byte loads (Kd % 8 == 0, src
 // 16-byte aligned).
 template <typename T, int BK, int LD, int THREADS, typename Rows>
-__device__ __forceinline__ void load_k_tile(const T* __restrict__ src, Rows rows, int dst_rows, int64_t Kd,
-                                            int64_t k0, T* dst, bool vec, const LoadOps& ops = LoadOps{}) {
+__device__ __forceinline__ void load_k_tile(const T* __restrict__ src, Rows rows, int dst_rows, int64_t Kd, int64_t k0,
+                                            T* dst, bool vec, const LoadOps& ops = LoadOps{}) {
   constexpr int kChunksPerRow = BK / 8;
   for (int chunk = threadIdx.x; chunk < dst_rows * kChunksPerRow; chunk += THREADS) {
     const int row = chunk / kChunksPerRow;
@@ -210,8 +212,8 @@ __device__ __forceinline__ void tile_mma(int64_t Kd, unsigned char* smem, LoadTi
   for (int i = 0; i < Tile::FM; ++i)
 #pragma unroll
     for (int j = 0; j < Tile::FN; ++j)
-      wmma::store_matrix_sync(Cs + (wm * Tile::WM + i * 16) * Tile::LDC + wn * Tile::WN + j * 16, acc[i][j],
-                              Tile::LDC, wmma::mem_row_major);
+      wmma::store_matrix_sync(Cs + (wm * Tile::WM + i * 16) * Tile::LDC + wn * Tile::WN + j * 16, acc[i][j], Tile::LDC,
+                              wmma::mem_row_major);
   __syncthreads();
 #endif
 }

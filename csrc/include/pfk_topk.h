@@ -26,15 +26,15 @@ struct RoutingArgs {
 struct TopkPairArgs {
   DType dtype;
   int mode;
-  const void* X;          // [T, L]: x (mode 0, L = K) or dy (mode 1, L = N)
-  const void* M;          // lora_A [E, r, K] (mode 0) or lora_B [E, N, r] (mode 1)
-  const float* w_pair;    // [P] routing weights
-  const float* scaling;   // [E]
-  const int64_t* seed;    // [1], mode 0 with dropout_p > 0
-  const void* H;          // mode 1: [P, r] saved by forward
-  void* out_H;            // mode 0: H [P, r]
-  void* out;              // mode 0: Hg [P, r]; mode 1: dH [P, r]
-  float* dw;              // mode 1: [P]
+  const void* X;         // [T, L]: x (mode 0, L = K) or dy (mode 1, L = N)
+  const void* M;         // lora_A [E, r, K] (mode 0) or lora_B [E, N, r] (mode 1)
+  const float* w_pair;   // [P] routing weights
+  const float* scaling;  // [E]
+  const int64_t* seed;   // [1], mode 0 with dropout_p > 0
+  const void* H;         // mode 1: [P, r] saved by forward
+  void* out_H;           // mode 0: H [P, r]
+  void* out;             // mode 0: Hg [P, r]; mode 1: dH [P, r]
+  float* dw;             // mode 1: [P]
   int64_t L;
   int E, r;
   float dropout_p;
@@ -48,10 +48,10 @@ cudaError_t launch_topk_pair_gemm(const TopkPairArgs& args, cudaStream_t stream)
 struct TopkExpandArgs {
   DType dtype;
   int mode;
-  const void* X2;         // [P, r]
+  const void* X2;  // [P, r]
   const void* M;
-  void* out;              // [T, n_out] accumulated in place
-  const int64_t* seed;    // mode 1 with dropout_p > 0
+  void* out;            // [T, n_out] accumulated in place
+  const int64_t* seed;  // mode 1 with dropout_p > 0
   int64_t n_out;
   int E, r;
   float dropout_p;
@@ -64,16 +64,16 @@ cudaError_t launch_topk_expand(const TopkExpandArgs& args, cudaStream_t stream);
 struct TopkWgradArgs {
   DType dtype;
   int mode;
-  const void* P;          // mode 0: dy [T, N]; mode 1: dH [P, r]
-  const void* Q;          // mode 0: H [P, r]; mode 1: x [T, K]
-  const float* w_pair;    // [P]
-  const float* scaling;   // [E]
-  const int64_t* seed;    // mode 1 with dropout_p > 0
-  void* out;              // mode 0: [E, N, r]; mode 1: [E, r, K]
-  int64_t width;          // N (mode 0) or K (mode 1)
+  const void* P;         // mode 0: dy [T, N]; mode 1: dH [P, r]
+  const void* Q;         // mode 0: H [P, r]; mode 1: x [T, K]
+  const float* w_pair;   // [P]
+  const float* scaling;  // [E]
+  const int64_t* seed;   // mode 1 with dropout_p > 0
+  void* out;             // mode 0: [E, N, r]; mode 1: [E, r, K]
+  int64_t width;         // N (mode 0) or K (mode 1)
   int E, r;
   float dropout_p;
-  RoutingArgs route;      // sorted_pairs, group_start and k are used
+  RoutingArgs route;  // sorted_pairs, group_start and k are used
 };
 cudaError_t launch_topk_wgrad(const TopkWgradArgs& args, cudaStream_t stream);
 

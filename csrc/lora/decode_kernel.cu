@@ -31,17 +31,17 @@ constexpr int kRowsPerPass = 8;  // tokens accumulated in registers at once
 // (kThreads, 2): at least 2 blocks per SM, which lets ptxas use up to 128 registers; with the default it chose 64
 // on sm_80 and spilled (tests/test_cuda_resources.py checks for spills).
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads, 2) lora_decode_kernel(
-    const T* __restrict__ x,        // [T, K]
-    const T* __restrict__ A,        // [C, K]
-    const T* __restrict__ B,        // [E, N, r]
-    const float* __restrict__ gates,    // [T / seq_len, E]
-    const float* __restrict__ scaling,  // [E]
-    T* __restrict__ y,              // [T, N], accumulated in place
-    T* __restrict__ H,              // [T, C]
-    float* __restrict__ partial,    // [num_slices, T, C]
-    float* __restrict__ Hg,         // [T, C]
-    int T_, int K, int N, int E, int r, int seq_len, int k_slice, int rows_per_tile) {
+__global__ void __launch_bounds__(kThreads, 2)
+    lora_decode_kernel(const T* __restrict__ x,            // [T, K]
+                       const T* __restrict__ A,            // [C, K]
+                       const T* __restrict__ B,            // [E, N, r]
+                       const float* __restrict__ gates,    // [T / seq_len, E]
+                       const float* __restrict__ scaling,  // [E]
+                       T* __restrict__ y,                  // [T, N], accumulated in place
+                       T* __restrict__ H,                  // [T, C]
+                       float* __restrict__ partial,        // [num_slices, T, C]
+                       float* __restrict__ Hg,             // [T, C]
+                       int T_, int K, int N, int E, int r, int seq_len, int k_slice, int rows_per_tile) {
   PFK_DYNAMIC_SMEM(float, smem);
   cg::grid_group grid = cg::this_grid();
   const int C = E * r;
@@ -166,9 +166,8 @@ cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
   int want = num_slices;
   want = want > (a.N + kThreads - 1) / kThreads ? want : (a.N + kThreads - 1) / kThreads;
   const int grid = want < per_sm * a.num_sms ? want : per_sm * a.num_sms;  // every block co-resident
-  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), smem, stream, a.x, a.A, a.B, a.gates, a.scaling,
-                            a.y, a.H, a.partial, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_slice,
-                            a.rows_per_tile);
+  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), smem, stream, a.x, a.A, a.B, a.gates, a.scaling, a.y,
+                            a.H, a.partial, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_slice, a.rows_per_tile);
 }
 
 }  // namespace

@@ -14,15 +14,15 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) lora_dhg_kernel(
-    const T* __restrict__ dy,           // [T, N]
-    const T* __restrict__ B,            // [E, N, r]
-    const T* __restrict__ H,            // [T, C]
-    const float* __restrict__ gates,    // [T / seq_len, E]
-    const float* __restrict__ scaling,  // [E]
-    T* __restrict__ dH,                 // [T, C]
-    float* __restrict__ dg_tok,         // [T, E]
-    int64_t T_, int64_t N, int E, int r, int64_t seq_len, bool vec_dy, bool vec_b) {
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
+    lora_dhg_kernel(const T* __restrict__ dy,           // [T, N]
+                    const T* __restrict__ B,            // [E, N, r]
+                    const T* __restrict__ H,            // [T, C]
+                    const float* __restrict__ gates,    // [T / seq_len, E]
+                    const float* __restrict__ scaling,  // [E]
+                    T* __restrict__ dH,                 // [T, C]
+                    float* __restrict__ dg_tok,         // [T, E]
+                    int64_t T_, int64_t N, int E, int r, int64_t seq_len, bool vec_dy, bool vec_b) {
   using Tile = MmaTile<BN>;
   namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
@@ -85,8 +85,7 @@ cudaError_t launch_lora_dhg(const DhgArgs& args, cudaStream_t stream) {
   if (args.T == 0) return cudaSuccess;
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.E < 1 || args.N < 1 || args.seq_len < 1)
     return cudaErrorInvalidValue;
-  const cudaError_t err =
-      dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });
+  const cudaError_t err = dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });
   if (err != cudaSuccess || args.seq_len == 1) return err;
   return launch_sequence_sum(args.dg_tok, args.dgates, args.T / args.seq_len, args.E, args.seq_len, stream);
 }

@@ -11,15 +11,15 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) lora_shrink_kernel(
-    const T* __restrict__ x,            // [T, K]
-    const T* __restrict__ A,            // [C, K]
-    const float* __restrict__ gates,    // [T / seq_len, E]
-    const float* __restrict__ scaling,  // [E]
-    const int64_t* __restrict__ seed,   // [1] on the device, read when p > 0
-    T* __restrict__ H,                  // [T, C]
-    T* __restrict__ Hg,                 // [T, C]
-    int64_t T_, int64_t K, int E, int r, int64_t seq_len, bool vec, float p, float scale) {
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
+    lora_shrink_kernel(const T* __restrict__ x,            // [T, K]
+                       const T* __restrict__ A,            // [C, K]
+                       const float* __restrict__ gates,    // [T / seq_len, E]
+                       const float* __restrict__ scaling,  // [E]
+                       const int64_t* __restrict__ seed,   // [1] on the device, read when p > 0
+                       T* __restrict__ H,                  // [T, C]
+                       T* __restrict__ Hg,                 // [T, C]
+                       int64_t T_, int64_t K, int E, int r, int64_t seq_len, bool vec, float p, float scale) {
   using Tile = MmaTile<BN>;
   namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);

@@ -15,12 +15,12 @@ namespace {
 constexpr int kTileN = 64;
 
 template <typename T, int MODE>
-__global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1) topk_expand_kernel(
-    const T* __restrict__ X2,  // [P, r]
-    const T* __restrict__ M,   // lora_B [E, N, r] (mode 0) or lora_A [E, r, K] (mode 1)
-    T* __restrict__ out,       // [T, n_out]
-    const int64_t* __restrict__ seed, RoutingArgs rt, int64_t n_out, int r, int slot, bool vec_x2, bool vec_m,
-    float p, float scale) {
+__global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1)
+    topk_expand_kernel(const T* __restrict__ X2,  // [P, r]
+                       const T* __restrict__ M,   // lora_B [E, N, r] (mode 0) or lora_A [E, r, K] (mode 1)
+                       T* __restrict__ out,       // [T, n_out]
+                       const int64_t* __restrict__ seed, RoutingArgs rt, int64_t n_out, int r, int slot, bool vec_x2,
+                       bool vec_m, float p, float scale) {
   using Tile = MmaTile<kTileN>;
   namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1) topk_expand_kern
     const T* A_e = M + static_cast<int64_t>(blk.expert) * r * n_out;  // [r, K]
     tile_mma<T, kTileN, wmma::row_major, wmma::row_major>(r, smem, [&](int64_t k0, T* As, T* Bs) {
       load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, k0, As, vec_x2);
-      load_c_tile<T, Tile::BK, kTileN, Tile::LDB_ROW, Tile::kThreads>(
-          A_e, DenseRows{k0, static_cast<int>(r - k0)}, n_out, n0, cols, Bs, vec_m);
+      load_c_tile<T, Tile::BK, kTileN, Tile::LDB_ROW, Tile::kThreads>(A_e, DenseRows{k0, static_cast<int>(r - k0)},
+                                                                      n_out, n0, cols, Bs, vec_m);
     });
   }
 
@@ -70,11 +70,10 @@ cudaError_t launch_mode(const TopkExpandArgs& a, cudaStream_t stream) {
   const int64_t col_tiles = (a.n_out + kTileN - 1) / kTileN;
   const dim3 grid(static_cast<unsigned>(a.route.num_blocks * col_tiles));
   for (int slot = 0; slot < a.route.k; ++slot) {
-    const cudaError_t err = launch_kernel(topk_expand_kernel<T, MODE>, grid, dim3(Tile::kThreads),
-                                          Tile::union_bytes(sizeof(T)) + PairArrays::kBytes, stream,
-                                          static_cast<const T*>(a.X2), static_cast<const T*>(a.M),
-                                          static_cast<T*>(a.out), a.seed, a.route, a.n_out, a.r, slot, vec_x2, vec_m,
-                                          p, scale);
+    const cudaError_t err = launch_kernel(
+        topk_expand_kernel<T, MODE>, grid, dim3(Tile::kThreads), Tile::union_bytes(sizeof(T)) + PairArrays::kBytes,
+        stream, static_cast<const T*>(a.X2), static_cast<const T*>(a.M), static_cast<T*>(a.out), a.seed, a.route,
+        a.n_out, a.r, slot, vec_x2, vec_m, p, scale);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -14,17 +14,17 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN, int MODE>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) topk_pair_gemm_kernel(
-    const T* __restrict__ X,            // [T, L]
-    const T* __restrict__ M,            // lora_A [E, r, K] or lora_B [E, N, r]
-    const float* __restrict__ w_pair,   // [P]
-    const float* __restrict__ scaling,  // [E]
-    const int64_t* __restrict__ seed,
-    const T* __restrict__ H,            // mode 1: [P, r]
-    T* __restrict__ out_H,              // mode 0: [P, r]
-    T* __restrict__ out,                // [P, r]
-    float* __restrict__ dw,             // mode 1: [P]
-    RoutingArgs rt, int64_t L, int r, bool vec_x, bool vec_m, float p, float scale) {
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
+    topk_pair_gemm_kernel(const T* __restrict__ X,            // [T, L]
+                          const T* __restrict__ M,            // lora_A [E, r, K] or lora_B [E, N, r]
+                          const float* __restrict__ w_pair,   // [P]
+                          const float* __restrict__ scaling,  // [E]
+                          const int64_t* __restrict__ seed,
+                          const T* __restrict__ H,  // mode 1: [P, r]
+                          T* __restrict__ out_H,    // mode 0: [P, r]
+                          T* __restrict__ out,      // [P, r]
+                          float* __restrict__ dw,   // mode 1: [P]
+                          RoutingArgs rt, int64_t L, int r, bool vec_x, bool vec_m, float p, float scale) {
   using Tile = MmaTile<BN>;
   namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);

@@ -11,7 +11,7 @@ struct PairBlock {
   int group;  // g = e * k + s, or -1 for an unused block
   int expert;
   int slot;
-  int rows;   // pairs in this block
+  int rows;  // pairs in this block
 };
 
 // Arrays of kMaxBlockPairs entries placed after `base` bytes of dynamic shared memory.

@@ -14,14 +14,14 @@ namespace personafuse {
 namespace {
 
 template <typename T, int BN, int MODE>
-__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1) topk_wgrad_kernel(
-    const T* __restrict__ P,            // mode 0: dy [T, N]; mode 1: dH [P, r]
-    const T* __restrict__ Q,            // mode 0: H [P, r]; mode 1: x [T, K]
-    const float* __restrict__ w_pair,   // [P]
-    const float* __restrict__ scaling,  // [E]
-    const int64_t* __restrict__ seed,
-    T* __restrict__ out,                // [E, I, J]
-    RoutingArgs rt, int64_t I, int64_t J, int r, bool vec_p, bool vec_q, float p, float scale) {
+__global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
+    topk_wgrad_kernel(const T* __restrict__ P,            // mode 0: dy [T, N]; mode 1: dH [P, r]
+                      const T* __restrict__ Q,            // mode 0: H [P, r]; mode 1: x [T, K]
+                      const float* __restrict__ w_pair,   // [P]
+                      const float* __restrict__ scaling,  // [E]
+                      const int64_t* __restrict__ seed,
+                      T* __restrict__ out,  // [E, I, J]
+                      RoutingArgs rt, int64_t I, int64_t J, int r, bool vec_p, bool vec_q, float p, float scale) {
   using Tile = MmaTile<BN>;
   namespace wmma = nvcuda::wmma;
   PFK_DYNAMIC_SMEM(unsigned char, smem);
@@ -78,10 +78,10 @@ cudaError_t launch_mode(const TopkWgradArgs& a, cudaStream_t stream) {
   const float p = MODE == 1 ? a.dropout_p : 0.f;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
   const int64_t tiles = (I + Tile::BM - 1) / Tile::BM * ((J + BN - 1) / BN);
-  return launch_kernel(topk_wgrad_kernel<T, BN, MODE>, dim3(static_cast<unsigned>(a.E * tiles)),
-                       dim3(Tile::kThreads), Tile::union_bytes(sizeof(T)) + PairArrays::kBytes, stream,
-                       static_cast<const T*>(a.P), static_cast<const T*>(a.Q), a.w_pair, a.scaling, a.seed,
-                       static_cast<T*>(a.out), a.route, I, J, a.r, vec_p, vec_q, p, scale);
+  return launch_kernel(topk_wgrad_kernel<T, BN, MODE>, dim3(static_cast<unsigned>(a.E * tiles)), dim3(Tile::kThreads),
+                       Tile::union_bytes(sizeof(T)) + PairArrays::kBytes, stream, static_cast<const T*>(a.P),
+                       static_cast<const T*>(a.Q), a.w_pair, a.scaling, a.seed, static_cast<T*>(a.out), a.route, I, J,
+                       a.r, vec_p, vec_q, p, scale);
 }
 
 template <typename T>

@@ -18,10 +18,10 @@ int pfk_emu_gate_forward(int dtype, const void* H, const float* gates, const flo
   return launch_gate_forward(static_cast<DType>(dtype), H, gates, scaling, Hg, T, E, r, seq_len, nullptr);
 }
 
-int pfk_emu_gate_backward(int dtype, const void* dHg, const void* H, const float* gates, const float* scaling,
-                          void* dH, float* dg_tok, float* dgates, int64_t T, int64_t E, int64_t r, int64_t seq_len) {
-  return launch_gate_backward(static_cast<DType>(dtype), dHg, H, gates, scaling, dH, dg_tok, dgates, T, E, r,
-                              seq_len, nullptr);
+int pfk_emu_gate_backward(int dtype, const void* dHg, const void* H, const float* gates, const float* scaling, void* dH,
+                          float* dg_tok, float* dgates, int64_t T, int64_t E, int64_t r, int64_t seq_len) {
+  return launch_gate_backward(static_cast<DType>(dtype), dHg, H, gates, scaling, dH, dg_tok, dgates, T, E, r, seq_len,
+                              nullptr);
 }
 
 // out: k_slice, rows_per_tile, smem_bytes, num_slices
@@ -69,9 +69,8 @@ int pfk_emu_lora_shrink(int dtype, const void* x, const void* A, const float* ga
   return launch_lora_shrink(a, nullptr);
 }
 
-int pfk_emu_lora_dhg(int dtype, const void* dy, const void* B, const void* H, const float* gates,
-                     const float* scaling, void* dH, float* dg_tok, float* dgates, int64_t T, int64_t N, int E, int r,
-                     int64_t seq_len) {
+int pfk_emu_lora_dhg(int dtype, const void* dy, const void* B, const void* H, const float* gates, const float* scaling,
+                     void* dH, float* dg_tok, float* dgates, int64_t T, int64_t N, int E, int r, int64_t seq_len) {
   const DhgArgs a{static_cast<DType>(dtype), dy, B, H, gates, scaling, dH, dg_tok, dgates, T, N, E, r, seq_len};
   return launch_lora_dhg(a, nullptr);
 }
@@ -85,19 +84,42 @@ RoutingArgs routing(const int* sorted_pairs, const int* group_start, const int* 
   return RoutingArgs{sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k};
 }
 
-int pfk_emu_topk_pair_gemm(int dtype, int mode, const void* X, const void* M, const float* w_pair,
-                           const float* scaling, const int64_t* seed, const void* H, void* out_H, void* out, float* dw,
-                           int64_t L, int E, int r, float dropout_p, const int* sorted_pairs, const int* group_start,
+int pfk_emu_topk_pair_gemm(int dtype, int mode, const void* X, const void* M, const float* w_pair, const float* scaling,
+                           const int64_t* seed, const void* H, void* out_H, void* out, float* dw, int64_t L, int E,
+                           int r, float dropout_p, const int* sorted_pairs, const int* group_start,
                            const int* block_group, const int* block_start, int num_blocks, int block_m, int k) {
-  const TopkPairArgs a{static_cast<DType>(dtype), mode, X, M, w_pair, scaling, seed, H, out_H, out, dw, L, E, r,
-                       dropout_p, routing(sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k)};
+  const TopkPairArgs a{static_cast<DType>(dtype),
+                       mode,
+                       X,
+                       M,
+                       w_pair,
+                       scaling,
+                       seed,
+                       H,
+                       out_H,
+                       out,
+                       dw,
+                       L,
+                       E,
+                       r,
+                       dropout_p,
+                       routing(sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k)};
   return launch_topk_pair_gemm(a, nullptr);
 }
 
 int pfk_emu_topk_expand(int dtype, int mode, const void* X2, const void* M, void* out, const int64_t* seed,
                         int64_t n_out, int E, int r, float dropout_p, const int* sorted_pairs, const int* group_start,
                         const int* block_group, const int* block_start, int num_blocks, int block_m, int k) {
-  const TopkExpandArgs a{static_cast<DType>(dtype), mode, X2, M, out, seed, n_out, E, r, dropout_p,
+  const TopkExpandArgs a{static_cast<DType>(dtype),
+                         mode,
+                         X2,
+                         M,
+                         out,
+                         seed,
+                         n_out,
+                         E,
+                         r,
+                         dropout_p,
                          routing(sorted_pairs, group_start, block_group, block_start, num_blocks, block_m, k)};
   return launch_topk_expand(a, nullptr);
 }
@@ -105,7 +127,18 @@ int pfk_emu_topk_expand(int dtype, int mode, const void* X2, const void* M, void
 int pfk_emu_topk_wgrad(int dtype, int mode, const void* P, const void* Q, const float* w_pair, const float* scaling,
                        const int64_t* seed, void* out, int64_t width, int E, int r, float dropout_p,
                        const int* sorted_pairs, const int* group_start, int k) {
-  const TopkWgradArgs a{static_cast<DType>(dtype), mode, P, Q, w_pair, scaling, seed, out, width, E, r, dropout_p,
+  const TopkWgradArgs a{static_cast<DType>(dtype),
+                        mode,
+                        P,
+                        Q,
+                        w_pair,
+                        scaling,
+                        seed,
+                        out,
+                        width,
+                        E,
+                        r,
+                        dropout_p,
                         routing(sorted_pairs, group_start, nullptr, nullptr, 0, 0, k)};
   return launch_topk_wgrad(a, nullptr);
 }

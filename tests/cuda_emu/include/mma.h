@@ -38,8 +38,7 @@ inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
 inline void check(const void* p, unsigned ldm, size_t elem_bytes, const char* op) {
   if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
     ::pfk_emu::device_fail(std::string(op) + ": pointer is not 32-byte aligned");
-  if ((ldm * elem_bytes) % 16 != 0)
-    ::pfk_emu::device_fail(std::string(op) + ": ldm is not a multiple of 16 bytes");
+  if ((ldm * elem_bytes) % 16 != 0) ::pfk_emu::device_fail(std::string(op) + ": ldm is not a multiple of 16 bytes");
 }
 }  // namespace detail
 
