@@ -69,6 +69,21 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def differentiable_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
+                            needs: tuple[bool, bool, bool, bool, bool, bool]):
+    """The first-order gradients (dx, dW, db, dA, dB, dgates) as a graph of torch ops, for backward with
+    create_graph=True on any backend: the torch backend's backward (the reference formulas) with H recomputed
+    from x and lora_A, so second-order gradients reach every input, dy included. Dropout regenerates the same
+    mask from the seed."""
+    from .ops import routed_lora_torch
+    from .ops.dropout import apply_dropout
+
+    E, r, K = lora_A.shape
+    H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()  # [T, E*r], with its graph this time
+    return routed_lora_torch.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p,
+                                      needs)
+
+
 class RoutedLoRAFunction(torch.autograd.Function):
     """Forward and backward of the routed LoRA op (no autograd through ops).
 
@@ -91,11 +106,16 @@ class RoutedLoRAFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, gates, scaling, seed, H = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_db = need[2] and ctx.has_bias
-        op = torch.ops.personafuse.routed_lora_backward if _compiling() else routed_lora_backward_impl
-        dx, dW, db, dA, dB, dg = op(
-            dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H, ctx.seq_len, ctx.dropout_p,
-            need[0], need[1], need_db, need[3], need[4], need[5], ctx.backend,
-        )
+        needs = (need[0], need[1], need_db, need[3], need[4], need[5])
+        if torch.is_grad_enabled() and not _compiling():
+            # create_graph=True (a gradient penalty, Hessian-vector products): the gradients must themselves be
+            # differentiable, which the fused kernels' outputs (and the saved H, cut from x and lora_A) are not.
+            dx, dW, db, dA, dB, dg = differentiable_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed,
+                                                             ctx.seq_len, ctx.dropout_p, needs)
+        else:
+            op = torch.ops.personafuse.routed_lora_backward if _compiling() else routed_lora_backward_impl
+            dx, dW, db, dA, dB, dg = op(dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H,
+                                        ctx.seq_len, ctx.dropout_p, *needs, ctx.backend)
         return (
             dx if need[0] else None,
             dW if need[1] else None,
@@ -206,6 +226,16 @@ class RoutedLoRATopKFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_db = need[2] and ctx.has_bias
+        if torch.is_grad_enabled() and not _compiling():  # create_graph=True: see RoutedLoRAFunction.backward
+            from .routing.topk import dense_gates
+
+            dense = dense_gates(indices, weights, lora_A.shape[0])  # [T, E]
+            dx, dW, db, dA, dB, dg = differentiable_backward(
+                dy, x, weight, lora_A, lora_B, dense, scaling, seed, 1, ctx.dropout_p,
+                (need[0], need[1], need_db, need[3], need[4], need[6]))
+            dw = dg.gather(1, indices) if need[6] else None
+            return (dx if need[0] else None, dW if need[1] else None, db if need_db else None,
+                    dA if need[3] else None, dB if need[4] else None, None, dw, None, None, None, None)
         op = torch.ops.personafuse.routed_lora_topk_backward if _compiling() else routed_lora_topk_backward_impl
         dx, dW, db, dA, dB, dw = op(dy.contiguous(), x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved,
                                     *tensors, ctx.block_m, ctx.dropout_p, need[0], need[1], need_db, need[3], need[4],
