@@ -1,6 +1,7 @@
 """``routed_lora``: the public functional op. Validates once, normalizes, dispatches, runs autograd."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
@@ -9,8 +10,9 @@ from torch import Tensor
 
 from .autograd import RoutedLoRAFunction, RoutedLoRATopKFunction
 from .dispatch import resolve_backend, resolve_topk_backend
-from .ops.dropout import new_seed
-from .routing.gates import normalize_gates
+from .ops.dropout import keep_mask, new_seed
+from .ops.routed_lora_torch import routed_lora_reference
+from .routing.gates import normalize_gates, token_gates
 from .routing.topk import TopKGates
 
 
@@ -68,7 +70,8 @@ def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
     named = [("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B), ("gates", gates_t)]
     devices = {name: t.device for name, t in named if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device; got {', '.join(f'{k} on {v}' for k, v in devices.items())}")
+        where = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
     dtypes = {name: t.dtype for name, t in named[:5] if t is not None}
     if len(set(dtypes.values())) > 1:
         raise TypeError(
@@ -98,12 +101,32 @@ def _scaling_tensor(scaling, E: int, x: Tensor) -> Tensor:
     raise TypeError(f"scaling must be a float or a tensor [E], got {type(scaling).__name__}")
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "hpu", "mps")
+
+
 def _autocast(tensors, device_type: str):
     """Under torch.autocast, run the op in the autocast dtype (like F.linear does)."""
-    if not torch.is_autocast_enabled(device_type):
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p: float) -> Tensor:
+    """Shapes no kernel is built for, which nn.Linear accepts: no tokens (x [0, K], or sequences of length 0),
+    K = 0 or N = 0, and meta tensors (shape inference, meta-device init). The per-expert reference through
+    autograd gives the right shape, values and (zero where nothing was computed) gradients."""
+    E = lora_A.shape[0]
+    K, N = x.shape[-1], weight.shape[0]
+    T = math.prod(x.shape[:-1])
+    if isinstance(gates, TopKGates):
+        gates = gates.to_dense(E)
+    norm = normalize_gates(gates, x.shape, E)
+    x2 = x.reshape(T, K)
+    keep = keep_mask(seed, T, K, p) if p > 0.0 else None
+    y = routed_lora_reference(x2, weight, bias, lora_A, lora_B, token_gates(norm.gates, norm.seq_len), scale,
+                              keep=keep, dropout_p=p)
+    return y.reshape(*x.shape[:-1], N)
 
 
 def routed_lora(
@@ -139,12 +162,15 @@ def routed_lora(
     E, r = lora_A.shape[0], lora_A.shape[1]
     K, N = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
+    T = math.prod(lead)
     scale = _scaling_tensor(scaling, E, x)
-    name = resolve_backend(backend, x.device, x.dtype, x.numel() // max(K, 1))
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
+    if T == 0 or K == 0 or N == 0 or x.device.type == "meta":
+        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p)
+    name = resolve_backend(backend, x.device, x.dtype, T)
     # the kernels' layout: x [T, K], every operand contiguous
-    operands = (x.reshape(-1, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+    operands = (x.reshape(T, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 lora_A.contiguous(), lora_B.contiguous())
     if isinstance(gates, TopKGates):
         grouped = resolve_topk_backend(name, E, r, gates.k, x.device)

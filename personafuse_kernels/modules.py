@@ -9,6 +9,9 @@ caller ("external": set_gates(gates [B, E]) once per batch, or forward(x, gates=
 from __future__ import annotations
 
 import math
+import numbers
+import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -21,6 +24,24 @@ from .routing.routers import RouterOutput, SequenceRouter, TokenRouter
 ROUTER_MODES = ("token", "sequence", "external")
 
 
+def _check_int(name: str, value) -> int:
+    """An int >= 1 (a bool is not one, though Python says it is an int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value) -> float:
+    """A finite real number (NaN or inf here would make every output NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 class RoutedLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: Optional[float] = None,
                  dropout: float = 0.0, router: str = "token", temperature: float = 1.0, backend: str = "auto",
@@ -29,12 +50,11 @@ class RoutedLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        self.check_args(num_experts, rank, dropout, router, top_k)
+        self.check_args(num_experts, rank, dropout, router, top_k, alpha=alpha, temperature=temperature,
+                        capacity_factor=capacity_factor, context_features=context_features, backend=backend)
         K, N = base.in_features, base.out_features
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.base_layer = base
-        for p in base.parameters():
-            p.requires_grad_(False)
         self.num_experts, self.rank = num_experts, rank
         self.alpha = float(alpha if alpha is not None else rank)
         self.dropout = float(dropout)
@@ -58,25 +78,48 @@ class RoutedLoRALinear(nn.Module):
         self._context: Optional[Tensor] = None
         self.router_output: Optional[RouterOutput] = None  # last token-router output (aux losses)
         self._unmerged_weight: Optional[Tensor] = None  # exact copy of W while a persona mix is merged
+        self._merged_version: Optional[int] = None  # W's version counter right after merge: changed = trained
+        self._warned_merged_training = False
         self.merged_gates: Optional[Tensor] = None
+        self.persona_thread: Optional[int] = None  # the thread inside persona_gates on this layer, if any
         self.reset_lora_parameters()
+        for p in base.parameters():  # last: a constructor that raises leaves the base layer as it was
+            p.requires_grad_(False)
 
     @staticmethod
-    def check_args(num_experts, rank, dropout=0.0, router="token", top_k=None) -> None:
-        """Raise ValueError for arguments no layer can be built with (before anything is changed)."""
-        if not (isinstance(num_experts, int) and num_experts >= 1):
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    def check_args(num_experts, rank, dropout=0.0, router="token", top_k=None, *, alpha=None, temperature=1.0,
+                   capacity_factor=None, context_features=None, backend="auto") -> None:
+        """Raise ValueError/TypeError for arguments no layer can be built with, before anything is changed (the
+        constructor, inject_routed_lora and from_peft call it first)."""
+        _check_int("num_experts", num_experts)
+        _check_int("rank", rank)
         if router not in ROUTER_MODES:
             raise ValueError(f"router must be one of {ROUTER_MODES}, got {router!r}")
+        dropout = _check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if top_k is not None and router != "token":
-            raise ValueError(f"top_k routing needs router='token' (got router={router!r}); external gates can be "
-                             f"pfk.TopKGates directly")
-        if top_k is not None and not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts = {num_experts}], got {top_k}")
+        if alpha is not None:
+            _check_real("alpha", alpha)
+        if not _check_real("temperature", temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None:
+            _check_int("top_k", top_k)
+            if router != "token":
+                raise ValueError(f"top_k routing needs router='token' (got router={router!r}); external gates can "
+                                 f"be pfk.TopKGates directly")
+            if not top_k <= num_experts:
+                raise ValueError(f"top_k must be in [1, num_experts = {num_experts}], got {top_k}")
+        if capacity_factor is not None:
+            if top_k is None:
+                raise ValueError("capacity_factor needs top_k (it drops top-k pairs past each expert's capacity)")
+            if not _check_real("capacity_factor", capacity_factor) > 0:
+                raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        if context_features is not None:
+            _check_int("context_features", context_features)
+            if router != "sequence":
+                raise ValueError(f"context_features needs router='sequence', got router={router!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_experts: int = 10, rank: int = 16, alpha: Optional[float] = 32,
@@ -153,24 +196,50 @@ class RoutedLoRALinear(nn.Module):
         g = torch.as_tensor(gates, dtype=torch.float32, device=self.lora_A.device)
         if g.shape != (self.num_experts,):
             raise ValueError(f"merge needs one mix of shape [E] = [{self.num_experts}], got {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(f"merge needs a finite mix, got {g.tolist()} (NaN or inf would be folded into W)")
         weight = self.base_layer.weight
         coef = g * self.scaling.float()  # [E]
         delta = torch.einsum("e,enr,erk->nk", coef, self.lora_B.float(), self.lora_A.float())  # [N, K]
         self._unmerged_weight = weight.detach().to("cpu", copy=True)
         weight.copy_((weight.float() + delta).to(weight.dtype))
+        self._merged_version = weight._version
         self.merged_gates = g
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the exact base weight that merge() changed."""
+    def unmerge(self, discard_updates: bool = False) -> None:
+        """Restore the exact base weight that merge() changed. If W was changed since the merge (an unfrozen W
+        trained while merged), restoring would discard those changes: that raises unless discard_updates=True."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
-        self.base_layer.weight.copy_(self._unmerged_weight)
+        weight = self.base_layer.weight
+        if weight._version != self._merged_version and not discard_updates:
+            raise RuntimeError("the base weight changed after merge (trained or edited while merged); unmerge would "
+                               "restore the pre-merge weight and discard those changes: pass discard_updates=True "
+                               "to do so")
+        weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+        self._merged_version = None
         self.merged_gates = None
 
     def forward(self, x: Tensor, gates: Optional[Tensor] = None) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor [..., {self.in_features}], got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must be [..., in_features = {self.in_features}], got {tuple(x.shape)}")
+        if self.persona_thread is not None and not torch.compiler.is_compiling():
+            if self.persona_thread != threading.get_ident():
+                raise RuntimeError("this layer is inside persona_gates in another thread, whose mix it would use: "
+                                   "routed layers hold one mix at a time; give each thread its own model copy, or "
+                                   "pass gates= to the layers")
         if self.merged:
+            if gates is not None:
+                raise RuntimeError("this layer is merged with a fixed mix (merged_gates), so gates= would be "
+                                   "ignored: unmerge() first")
+            if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
+                self._warned_merged_training = True
+                warnings.warn("training a merged routed layer: its forward is the base linear alone, so lora_A, "
+                              "lora_B and the router get no gradient; unmerge() before training", stacklevel=2)
             return self.base_layer(x)
         if gates is None:
             gates = self.compute_gates(x)

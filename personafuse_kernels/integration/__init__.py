@@ -1,7 +1,13 @@
 """Integration: inject into models, peft adapters in and out, checkpoints, merging, routing contexts."""
 from .checkpoint import load_adapters, save_adapters
-from .context import (hold_sequence_gates, named_routed_layers, persona_gates, routed_layers, router_aux_losses,
-                      routing_inputs)
+from .context import (
+                      hold_sequence_gates,
+                      named_routed_layers,
+                      persona_gates,
+                      routed_layers,
+                      router_aux_losses,
+                      routing_inputs,
+)
 from .inject import inject_routed_lora
 from .merge import merge, unmerge
 from .peft_adapters import export_peft, from_peft

@@ -1,6 +1,7 @@
 """Model-level routing helpers: find routed layers, collect router losses, set gates and masks for a block."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -10,6 +11,8 @@ from torch import Tensor
 
 from ..modules import RoutedLoRALinear
 from ..routing.routers import SequenceRouter
+
+_PERSONA_LOCK = threading.Lock()
 
 
 def routed_layers(model: nn.Module) -> Iterator[RoutedLoRALinear]:
@@ -81,13 +84,23 @@ def persona_gates(model: nn.Module, gates: Tensor):
         raise ValueError(f"persona gates must be [batch, E] or [E] with E = {E}, got {tuple(gates.shape)}")
     if not gates.is_floating_point():
         raise TypeError(f"persona gates must be floating point, got {gates.dtype}")
-    saved = [(m, m.router_mode) for m in layers]
-    for m in layers:
-        m.router_mode = "external"
-        m.set_gates(gates.to(m.lora_A.device))
+    if any(m.merged for m in layers):
+        raise RuntimeError("the model is merged with a fixed mix, which persona_gates would not change: unmerge first")
+    me = threading.get_ident()
+    with _PERSONA_LOCK:  # routed layers hold one mix at a time: a second thread is refused, never silently mixed
+        if any(m.persona_thread not in (None, me) for m in layers):
+            raise RuntimeError("persona_gates is active on this model in another thread; routed layers hold one mix "
+                               "at a time (give each thread its own model copy, or pass gates= to the layers)")
+        saved = [(m, m.router_mode, m._external_gates, m.persona_thread) for m in layers]  # nesting restores these
+        for m in layers:
+            m.router_mode = "external"
+            m.set_gates(gates.to(m.lora_A.device))
+            m.persona_thread = me
     try:
         yield model
     finally:
-        for m, mode in saved:
-            m.router_mode = mode
-            m.set_gates(None)
+        with _PERSONA_LOCK:
+            for m, mode, previous, owner in saved:
+                m.router_mode = mode
+                m.set_gates(previous)
+                m.persona_thread = owner

@@ -7,13 +7,15 @@ is in the list (or its full name is). nn.Linear layers are wrapped as they are; 
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from ..modules import RoutedLoRALinear
 from .context import hold_sequence_gates, routing_inputs
+
+_CHECKED_KWARGS = ("temperature", "capacity_factor", "context_features", "backend")  # RoutedLoRALinear.check_args
 
 
 def _is_conv1d(mod: nn.Module) -> bool:
@@ -72,6 +74,27 @@ def _wrap_generate(model: nn.Module) -> None:
     model.generate = generate_with_held_gates
 
 
+def _routed(mod, name, num_experts, rank, alpha, dropout, router, top_k, layer_kwargs) -> RoutedLoRALinear:
+    return RoutedLoRALinear(as_linear(mod, name), num_experts, rank, alpha=alpha, dropout=dropout, router=router,
+                            top_k=top_k, **layer_kwargs)
+
+
+def install_layers(model: nn.Module, builders: list[tuple[str, Callable[[], nn.Module]]]) -> None:
+    """Build every new layer first, then freeze the model and swap them in: a builder that raises leaves the model
+    as it was (the layers built before it froze their base linears, which are the model's: that is undone)."""
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    try:
+        layers = [(name, build()) for name, build in builders]
+    except BaseException:
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, layer in layers:
+        replace_module(model, name, layer)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -86,19 +109,17 @@ def inject_routed_lora(model: nn.Module, target_modules: Iterable[str], num_expe
     With a sequence router, model.generate holds each prompt's gates across decoding steps. Prints how
     many parameters are trainable (verbose). Returns the model (changed in place).
     """
-    RoutedLoRALinear.check_args(num_experts, rank, dropout, router, top_k)
+    RoutedLoRALinear.check_args(num_experts, rank, dropout, router, top_k, alpha=alpha,
+                                **{k: v for k, v in layer_kwargs.items() if k in _CHECKED_KWARGS})
     matches = find_targets(model, target_modules)
-    linears = [(name, as_linear(mod, name)) for name, mod in matches]  # all checks before any change
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, lin in linears:
-        replace_module(model, name, RoutedLoRALinear(lin, num_experts, rank, alpha=alpha, dropout=dropout,
-                                                     router=router, top_k=top_k, **layer_kwargs))
+    install_layers(model, [(name, functools.partial(_routed, mod, name, num_experts, rank, alpha, dropout, router,
+                                                    top_k, layer_kwargs)) for name, mod in matches])
     _wrap_generate(model)
     if verbose:
         trainable, total = count_parameters(model)
         kinds = sorted({n.split(".")[-1] for n, _ in matches})
         print(f"personafuse: routed {len(matches)} projections ({', '.join(kinds)}) with E={num_experts}, "
-              f"r={rank}, router={router}{f' top-{top_k}' if top_k else ''}; trainable params {trainable:,} of {total:,} "
+              f"r={rank}, router={router}{f' top-{top_k}' if top_k else ''}; "
+              f"trainable params {trainable:,} of {total:,} "
               f"({100.0 * trainable / max(total, 1):.2f}%)")
     return model

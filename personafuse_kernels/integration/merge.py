@@ -13,6 +13,8 @@ def merge(model: nn.Module, gates) -> nn.Module:
     if not layers:
         raise ValueError("the model has no routed layers to merge")
     g = torch.as_tensor(gates, dtype=torch.float32)
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError(f"merge needs a finite mix, got {g.tolist()}")
     if g.dim() == 2 and g.shape[0] == 1:
         g = g[0]
     if g.dim() != 1:
@@ -28,11 +30,15 @@ def merge(model: nn.Module, gates) -> nn.Module:
     return model
 
 
-def unmerge(model: nn.Module) -> nn.Module:
-    """Restore every merged layer's base weight bit for bit."""
+def unmerge(model: nn.Module, discard_updates: bool = False) -> nn.Module:
+    """Restore every merged layer's base weight bit for bit. A base weight changed since the merge raises (its
+    changes would be lost) unless discard_updates=True; checked for every layer before any is restored."""
     merged = [m for m in routed_layers(model) if m.merged]
     if not merged:
         raise RuntimeError("the model is not merged")
+    if not discard_updates and (changed := [m for m in merged if m.weight._version != m._merged_version]):
+        raise RuntimeError(f"{len(changed)} merged layer(s) had their base weight changed after merge (trained or "
+                           f"edited while merged); unmerge would discard those changes: pass discard_updates=True")
     for m in merged:
-        m.unmerge()
+        m.unmerge(discard_updates=discard_updates)
     return model

@@ -8,22 +8,19 @@ the dense semantics; dweights[t, s] = dgates_dense[t, indices[t, s]]. Shapes: x 
 """
 from __future__ import annotations
 
+from ..routing.topk import dense_gates
 from . import routed_lora_torch
-
-
-def _dense(indices, weights, E):
-    return weights.new_zeros(indices.shape[0], E).scatter(1, indices, weights)  # [T, E]
 
 
 def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta):
     """Returns (y [T, N], saved): saved is H [T, E*r] of the dense formulation."""
-    return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, _dense(indices, weights, lora_A.shape[0]),
+    return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, dense_gates(indices, weights, lora_A.shape[0]),
                                      scaling, seed, 1, dropout_p)
 
 
 def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, dropout_p: float, meta, needs):
     """(dx, dW, db, dA, dB, dweights [T, k])."""
-    gates = _dense(indices, weights, lora_A.shape[0])
+    gates = dense_gates(indices, weights, lora_A.shape[0])
     dx, dW, db, dA, dB, dg = routed_lora_torch.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, saved,
                                                        1, dropout_p, needs)
     dweights = dg.gather(1, indices) if needs[5] else weights.new_empty(0)

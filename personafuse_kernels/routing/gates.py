@@ -35,9 +35,7 @@ def normalize_gates(gates: torch.Tensor, x_shape: torch.Size, num_experts: int) 
     if g_lead == lead:
         return NormalizedGates(gates.reshape(num_tokens, num_experts).contiguous(), 1)
     if len(lead) >= 1 and g_lead == lead[:-1]:
-        seq_len = lead[-1]
-        if seq_len == 0:
-            raise ValueError(f"x {tuple(x_shape)} has sequences of length 0")
+        seq_len = lead[-1]  # 0 for sequences of no tokens: no token reads a row (the caller computes nothing)
         num_seq = math.prod(g_lead)
         return NormalizedGates(gates.reshape(num_seq, num_experts).contiguous(), seq_len)
     per_seq = lead[:-1] + (num_experts,) if lead else None

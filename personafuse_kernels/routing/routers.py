@@ -47,6 +47,13 @@ def apply_capacity(indices: Tensor, weights: Tensor, num_experts: int, capacity_
     return weights * keep.to(weights.dtype), (~keep).sum()
 
 
+def _logits_fp32(proj: nn.Linear, x: Tensor) -> Tensor:
+    """proj(x) computed in float32 whatever the dtype of x and proj (fp16 logits overflow past 65504 into NaN
+    gates); gradients reach proj's parameters and x in their own dtypes."""
+    bias = None if proj.bias is None else proj.bias.float()
+    return torch.nn.functional.linear(x.float(), proj.weight.float(), bias)
+
+
 def router_z_loss(logits: Tensor) -> Tensor:
     """mean(logsumexp(logits)^2): keeps router logits small (ST-MoE)."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -60,12 +67,13 @@ class TokenRouter(nn.Module):
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  capacity_factor: Optional[float] = None, fused: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         if top_k is not None and not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-        if capacity_factor is not None and (top_k is None or capacity_factor <= 0):
-            raise ValueError("capacity_factor needs top_k and must be > 0")
+        bad_factor = capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0)
+        if capacity_factor is not None and (top_k is None or bad_factor):
+            raise ValueError(f"capacity_factor needs top_k and must be finite and > 0, got {capacity_factor}")
         self.num_experts = num_experts
         self.temperature = float(temperature)
         self.top_k = top_k
@@ -93,7 +101,7 @@ class TokenRouter(nn.Module):
             z = lse.pow(2).mean()
             flat_probs = probs
         else:
-            logits = self.proj(x).float() / self.temperature  # [..., E]
+            logits = _logits_fp32(self.proj, x) / self.temperature  # [..., E]
             flat_probs = torch.softmax(logits, dim=-1).reshape(-1, E)
             z = router_z_loss(logits.reshape(-1, E))
             if self.top_k is None:
@@ -116,11 +124,11 @@ class SequenceRouter(nn.Module):
     of the same batch size, so decoding steps keep the mix computed from the prompt.
     """
 
-    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, context_features: Optional[int] = None,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0,
+                 context_features: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         self.num_experts = num_experts
         self.temperature = float(temperature)
         self.proj = nn.Linear(context_features or in_features, num_experts, device=device, dtype=dtype)
@@ -145,7 +153,7 @@ class SequenceRouter(nn.Module):
                                  f"got x {tuple(x.shape)}; call release() before a new batch")
             return self._held
         feats = context if context is not None else self.pool(x, attention_mask)
-        logits = self.proj(feats.to(self.proj.weight.dtype)).float() / self.temperature
+        logits = _logits_fp32(self.proj, feats) / self.temperature
         gates = torch.softmax(logits, dim=-1)
         if self._holding:
             self._held = gates.detach()

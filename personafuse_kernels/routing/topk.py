@@ -11,6 +11,7 @@ computed on the device: no host sync, so CUDA graphs replay it.
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -21,23 +22,34 @@ class TopKGates:
     """indices [..., k] (int64, each token's k distinct experts), weights [..., k] (float, carry gradients).
 
     validate=True (the default for user-made gates) checks dtypes, shapes, range and duplicates on the Python
-    side before any kernel runs; that check reads the indices, so on a GPU it synchronizes once. Routers make
-    their gates with validate=False (top-k of a softmax is valid by construction).
+    side before any kernel runs; that check reads the indices, so on a GPU it synchronizes once. It is remembered
+    for these very indices (the same tensor, not modified in place since) and the largest index seen, so reusing
+    the gates skips it, while a layer with fewer experts, or indices changed in place, checks again. Routers make
+    their gates with validate=False (top-k of a softmax is valid by construction): those are trusted as they are.
     """
 
-    __slots__ = ("indices", "weights", "validated")
+    __slots__ = ("indices", "weights", "trusted", "_checked")
 
     def __init__(self, indices: Tensor, weights: Tensor, validate: bool = True):
         self.indices = indices
         self.weights = weights
-        self.validated = not validate
+        self.trusted = not validate
+        self._checked: tuple | None = None  # (weak reference to the indices, their version, largest index)
+
+    def _checked_for(self, num_experts: int) -> bool:
+        """These indices passed the full check, have not changed in place since, and fit num_experts."""
+        if self._checked is None:
+            return False
+        ref, version, hi = self._checked
+        return ref() is self.indices and self.indices._version == version and hi < num_experts
 
     @property
     def k(self) -> int:
         return self.indices.shape[-1]
 
     def check(self, num_experts: int) -> None:
-        """Raise ValueError/TypeError naming what is wrong; cheap once validated."""
+        """Raise ValueError/TypeError naming what is wrong; cheap once these indices were checked for at least
+        num_experts experts."""
         idx, w = self.indices, self.weights
         if not isinstance(idx, Tensor) or not isinstance(w, Tensor):
             raise TypeError("TopKGates needs tensors: indices [..., k] int64 and weights [..., k] float")
@@ -52,7 +64,7 @@ class TopKGates:
             raise ValueError(f"TopKGates indices on {idx.device} but weights on {w.device}")
         if idx.shape[-1] > num_experts:
             raise ValueError(f"top-k with k = {idx.shape[-1]} > E = {num_experts} experts")
-        if self.validated or idx.numel() == 0:
+        if self.trusted or idx.numel() == 0 or idx.device.type == "meta":  # meta tensors have no values to check
             return
         if torch.compiler.is_compiling():  # no host sync inside a graph: the same checks as device-side asserts
             ok = (idx >= 0).all() & (idx < num_experts).all()
@@ -60,6 +72,8 @@ class TopKGates:
             if idx.shape[-1] > 1:
                 s = idx.sort(dim=-1).values
                 torch._assert_async(~(s[..., 1:] == s[..., :-1]).any(), "TopKGates indices repeat an expert")
+            return
+        if self._checked_for(num_experts):
             return
         lo, hi = int(idx.min()), int(idx.max())  # one host sync, here and only here
         if lo < 0 or hi >= num_experts:
@@ -71,15 +85,23 @@ class TopKGates:
                 where = tuple(int(v) for v in dup.nonzero()[0])
                 raise ValueError(f"TopKGates indices repeat an expert within a token (first at token {where}: "
                                  f"{idx[where].tolist()}); each token's k experts must be distinct")
-        self.validated = True
+        self._checked = (weakref.ref(idx), idx._version, hi)
 
     def to_dense(self, num_experts: int) -> Tensor:
         """Dense gates [..., E] (differentiable in weights): the reference semantics."""
-        dense = self.weights.new_zeros(*self.weights.shape[:-1], num_experts)
-        return dense.scatter(-1, self.indices, self.weights)
+        return dense_gates(self.indices, self.weights, num_experts)
 
     def __repr__(self):
         return f"TopKGates(indices={tuple(self.indices.shape)}, weights={tuple(self.weights.shape)})"
+
+
+def dense_gates(indices: Tensor, weights: Tensor, num_experts: int) -> Tensor:
+    """g[..., e] = sum of weights[..., s] over the slots s with indices[..., s] == e: [..., k] -> [..., E].
+
+    A sum, not an overwrite: gates built with validate=False may repeat an expert within a token, and every path
+    (this dense one, and the grouped kernels, which add one slot at a time) must then add both slots."""
+    dense = weights.new_zeros(*weights.shape[:-1], num_experts)
+    return dense.scatter_add(-1, indices, weights)
 
 
 class RoutingMeta(NamedTuple):
