@@ -148,13 +148,13 @@ DEFAULT_TOPK_GROUPED_ABOVE = 360.0  # E * r / k above which grouped wins, from t
 def prefer_grouped(num_experts: int, rank: int, k: int, threshold: float = DEFAULT_TOPK_GROUPED_ABOVE) -> bool:
     """Grouped top-k kernels, or the dense stacked path with zeros off the top-k?
 
-    Grouped when E * r > threshold * k. The default comes from the cost model (DESIGN.md figures for an
-    H100/H200): per token, the dense path adds about 4 * E * r * K FLOP (K = N); the grouped path does only k
-    experts' FLOP but gathers x k times and makes k read-modify-write passes over y, about k * 6 * K bytes, i.e.
-    k * 1440 * K FLOP at 240 FLOP/byte, so grouped wins when E * r > 360 * k: PersonaFuse (E = 10, r = 16) stays
-    dense; E = 64, r = 16, top-2 is grouped. A measured value for a card replaces it: "topk_grouped_above" in
-    ops/dispatch_tables/<card>.json, written by benchmarks/make_dispatch_table.py from the `topk` preset's
-    grouped and -dense rows.
+    Grouped when E * r > threshold * k. The default comes from the cost model (docs/dispatch.md, with the card
+    figures of docs/cost-model.md for an H100/H200): per token, the dense path adds about 4 * E * r * K FLOP
+    (K = N); the grouped path does only k experts' FLOP but gathers x k times and makes k read-modify-write passes
+    over y, about k * 6 * K bytes, i.e. k * 1440 * K FLOP at 240 FLOP/byte, so grouped wins when E * r > 360 * k:
+    PersonaFuse (E = 10, r = 16) stays dense; E = 64, r = 16, top-2 is grouped. A measured value for a card
+    replaces it: "topk_grouped_above" in ops/dispatch_tables/<card>.json, written by
+    benchmarks/make_dispatch_table.py from the `topk` preset's grouped and -dense rows.
     """
     return num_experts * rank > threshold * k
 

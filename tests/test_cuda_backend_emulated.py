@@ -2,12 +2,12 @@
 csrc/personafuse_ops.cpp (argument checks, allocation, launches) and csrc/'s kernels, built against the CPU
 emulation of CUDA (tests/emu.py) and registered as torch.ops.personafuse_emu for CPU tensors. Forward and every
 gradient, on every path (decode kernel, tensor-core kernels, gate kernels, grouped top-k), within 3x the error of
-the same-dtype torch backend against float64 (STYLE.md's rule)."""
+the same-dtype torch backend against float64 (the 3x rule of docs/testing.md)."""
+import emu
 import pytest
 import torch
-
-import emu
 from conftest import assert_within_3x
+
 from personafuse_kernels.ops import routed_lora_cuda, routed_lora_topk_cuda, routed_lora_topk_torch, routed_lora_torch
 from personafuse_kernels.routing.topk import build_routing_metadata
 
@@ -168,7 +168,8 @@ def test_public_api_with_the_cuda_backend(cuda_backend_on_cpu, monkeypatch, gate
     if gates_kind.startswith("top"):
         leaves["gates"] = top.values / top.values.sum(-1, keepdim=True)
     else:
-        leaves["gates"] = torch.rand(B, E, generator=g) if gates_kind == "sequence" else torch.rand(B, S, E, generator=g)
+        shape = (B, E) if gates_kind == "sequence" else (B, S, E)
+        leaves["gates"] = torch.rand(*shape, generator=g)
     dy = rnd(B, S, N)
 
     def call(x, weight, bias, lora_A, lora_B, gates, backend):

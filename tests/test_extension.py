@@ -3,12 +3,11 @@ import os
 
 import pytest
 import torch
+from conftest import assert_within_3x, requires_cuda
 
 import personafuse_kernels as pfk
 from personafuse_kernels._extension import load_extension
 from personafuse_kernels.ops.routed_lora_torch import TorchGateOps
-
-from conftest import assert_within_3x, requires_cuda
 
 OPS = ("gate_forward", "gate_backward", "lora_decode_", "lora_shrink", "lora_dhg")
 
@@ -147,7 +146,8 @@ def test_decode_kernel_matches_torch_backend(dtype, T, K, N, E, r, seq_len):
 ])
 def test_tensor_core_path_within_3x_of_torch_same_dtype(dtype, T, K, N, E, r, gate_mode, dropout_p):
     """The cuda backend's large-T path (tensor-core shrink and dHg kernels + cuBLAS): output and every gradient
-    within 3x the error of the same-dtype torch backend against float64 (STYLE.md's rule), same dropout mask."""
+    within 3x the error of the same-dtype torch backend against float64 (the 3x rule of docs/testing.md), same
+    dropout mask."""
     from helpers import backward_grads, make_inputs
 
     from personafuse_kernels.ops import routed_lora_cuda

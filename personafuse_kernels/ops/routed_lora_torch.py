@@ -2,7 +2,7 @@
 
     y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
 
-Shapes (normalized by functional.routed_lora; see ../../shared DESIGN.md):
+Shapes (normalized by functional.routed_lora; the math in docs/design.md):
     x [T, K], weight [N, K], bias [N] or None, lora_A [E, r, K], lora_B [E, N, r],
     gates [G, E] with seq_len tokens per row (T = G * seq_len), scaling [E], seed int64 [1] or [0].
 

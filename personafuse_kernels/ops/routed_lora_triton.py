@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import interpreting, token_bucket
-from . import routed_lora_torch, triton_kernels as tk
+from . import routed_lora_torch
+from . import triton_kernels as tk
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TUNED_DIR = Path(__file__).with_name("triton_configs")
@@ -77,7 +78,7 @@ def _tuned_table(device_name: str) -> dict:
 def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpret: bool) -> Config:
     """Cached heuristic keyed on shape buckets (T rounded up to a power of two); no autotuning on the hot path.
 
-    Untuned defaults chosen from the cost model (DESIGN.md): large T is compute-bound on the base GEMM, so
+    Untuned defaults chosen from the cost model (docs/cost-model.md): large T is compute-bound on the base GEMM, so
     128x128x64 tiles with grouped order; T <= 64 is bandwidth-bound, so narrow N tiles (many programs
     streaming W once) and split-K for the shrink so A is read by many SMs.
     """
@@ -86,17 +87,20 @@ def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpre
     if interpret:  # few, large programs: the interpreter's cost is per program and per op
         cfg = Config(shrink_m=64, shrink_c=_pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
                      gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=_pow2(C, 16, 64), group_m=4, fuse_base=True,
-                     tma=False, warp_specialize=False, num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64, tn_j=64, tn_t=64)
+                     tma=False, warp_specialize=False, num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64,
+                     tn_j=64, tn_t=64)
     elif small:
         cfg = Config(shrink_m=16, shrink_c=c_blk, shrink_k=128, split_k=max(1, min(16, K // 512)),
                      gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=_pow2(C, 16, 64), group_m=1, fuse_base=True,
-                     tma=False, warp_specialize=False, num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64, tn_j=64, tn_t=64)
+                     tma=False, warp_specialize=False, num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64,
+                     tn_j=64, tn_t=64)
     else:
         hopper = device_name.startswith("NVIDIA H")  # H100 / H200 / H20 / H800: TMA + wgmma
-        # Hopper: DESIGN.md's calibration, 128x256x64 tiles, 8 warps, 3 stages, persistent with TMA.
+        # Hopper: the calibration of docs/cost-model.md, 128x256x64 tiles, 8 warps, 3 stages, persistent with TMA.
         cfg = Config(shrink_m=64, shrink_c=c_blk, shrink_k=64, split_k=1,
                      gemm_m=128, gemm_n=256 if hopper else 128, gemm_k=64, gemm_k2=32, group_m=8, fuse_base=True,
-                     tma=hopper, warp_specialize=False, num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64, tn_j=128, tn_t=64)
+                     tma=hopper, warp_specialize=False, num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64,
+                     tn_j=128, tn_t=64)
     tuned = _tuned_table(device_name).get(f"T<={t_bucket}")
     return replace(cfg, **tuned) if tuned else cfg
 

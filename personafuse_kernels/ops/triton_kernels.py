@@ -1,6 +1,6 @@
 """Triton kernels of the routed LoRA op (launchers and orchestration: routed_lora_triton.py).
 
-Names follow DESIGN.md: T tokens, K in-features, N out-features, E experts of rank r, C = E * r.
+Names follow docs/design.md: T tokens, K in-features, N out-features, E experts of rank r, C = E * r.
 A_cat = lora_A viewed [C, K]; B_cat[n, c] = lora_B[c // r, n, c % r] (never materialized: kernels index
 lora_B's [E, N, r] layout directly with the strides s_e, s_j of the expert and rank dims).
 Gates are normalized: gates [G, E] float32 with token t on row t // seq_len. All accumulation is fp32.
@@ -280,7 +280,7 @@ def _dual_gemm_tma_kernel(
         M_TRANS:     out = X1 M1^T + X2 M2^T   M1 [N, K1] (= W), M2 [N, K2] (= B_cat)     forward y
         not M_TRANS: out = X1 M1 + d*(X2 M2)   M1 [K1, N] (= W), M2 [K2, N] (= A_cat)     backward dx
     Descriptors zero-fill out-of-bounds rows and columns, so no masks; strides must be 16-byte aligned
-    (the launcher checks). DESIGN.md's H200 calibration of this structure: 1.03-1.17x the cuBLAS base.
+    (the launcher checks). The H200 calibration of this structure (docs/cost-model.md): 1.03-1.17x the cuBLAS base.
     """
     x1_desc = tl.make_tensor_descriptor(X1, shape=[M, K1], strides=[K1, 1], block_shape=[BLOCK_M, BLOCK_K])
     x2_desc = tl.make_tensor_descriptor(X2, shape=[M, K2], strides=[K2, 1], block_shape=[BLOCK_M, BLOCK_K2])
