@@ -2,6 +2,7 @@
 training on the persona dialogue set that ships with the package, then what the model learned.
 
     personafuse demo                                   # defaults: a 2-core CPU finishes in a few minutes
+    python python/persona_demo.py                      # the same, from a checkout
     personafuse demo --mix "E+=0.7,A+=0.3" --prompt "the party tonight will be huge"
     personafuse demo --model /path/to/local/llama      # real local weights and tokenizer (no downloads)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import sys
@@ -28,9 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import personafuse_kernels as pfk
-from personafuse_kernels.bench.providers import per_expert_loop
-from personafuse_kernels.cli import UsageError, _Parser
+from ._cliutil import ArgParser, UsageError, writable_folder
+from .bench.providers import per_expert_loop
+from .dispatch import resolve_backend
+from .integration import inject_routed_lora, load_adapters, persona_gates, routed_layers, save_adapters
+from .routing import SequenceRouter
 
 PERSONAS = ["O+", "O-", "C+", "C-", "E+", "E-", "A+", "A-", "N+", "N-"]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,7 +106,7 @@ def build_model(args, vocab_size: int):
                           max_position_embeddings=256, tie_word_embeddings=False)
         model = LlamaForCausalLM(cfg)
     model = model.to(args.device)
-    pfk.inject_routed_lora(model, PROJECTIONS, num_experts=len(PERSONAS), rank=args.rank, alpha=2 * args.rank,
+    inject_routed_lora(model, PROJECTIONS, num_experts=len(PERSONAS), rank=args.rank, alpha=2 * args.rank,
                            dropout=args.dropout, router="external", verbose=args.verbose)
     return model
 
@@ -116,7 +120,7 @@ class PersonaRouter(nn.Module):
         super().__init__()
         self.embeddings = embeddings  # shared with the model, frozen
         dim = embeddings.embedding_dim
-        self.router = pfk.SequenceRouter(dim, num_experts, temperature, device=embeddings.weight.device)
+        self.router = SequenceRouter(dim, num_experts, temperature, device=embeddings.weight.device)
 
     def forward(self, ids, prompt_mask):
         x = self.embeddings(ids).float()
@@ -166,7 +170,7 @@ def train(model, router, tok, pairs, args):
         ids, labels, pmask, attn = collate(tok, [encode_example(tok, s, r) for _, s, r in batch], args.device)
         persona = torch.tensor([e for e, _, _ in batch], device=args.device)
         # experts learn their own persona's style: each example's gates are its persona, one-hot
-        with pfk.persona_gates(model, F.one_hot(persona, len(PERSONAS)).float()):
+        with persona_gates(model, F.one_hot(persona, len(PERSONAS)).float()):
             lm = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         # the router learns to read the persona a situation calls for
         route = F.nll_loss(torch.log(router(ids, pmask) + 1e-9), persona)
@@ -190,7 +194,7 @@ def route(router, tok, situations, device):
 def generate(model, tok, situation: str, gates, device, max_new_tokens: int = 24) -> str:
     prompt, _ = encode_example(tok, situation, None)
     ids = torch.tensor([prompt], device=device)
-    with pfk.persona_gates(model, gates.to(device)):
+    with persona_gates(model, gates.to(device)):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return tok.decode(out[0, len(prompt):].tolist())
@@ -198,15 +202,22 @@ def generate(model, tok, situation: str, gates, device, max_new_tokens: int = 24
 
 def parse_mix(text: str) -> torch.Tensor:
     gates = torch.zeros(len(PERSONAS))
+    seen = set()
     for part in text.split(","):
         name, _, weight = part.partition("=")
         name = name.strip()
         if name not in PERSONAS:
             raise UsageError(f"personafuse demo: unknown persona {name!r} in --mix; choose from {', '.join(PERSONAS)}")
+        if name in seen:
+            raise UsageError(f"personafuse demo: persona {name} appears twice in --mix {text!r}")
+        seen.add(name)
         try:
-            gates[PERSONAS.index(name)] = float(weight or 1.0)
+            value = float(weight or 1.0)
         except ValueError:
             raise UsageError(f"personafuse demo: --mix weight {weight!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"personafuse demo: --mix weight of {name} is {value}; weights must be finite")
+        gates[PERSONAS.index(name)] = value
     if gates.sum() <= 0 or (gates < 0).any():
         raise UsageError("personafuse demo: --mix weights must be >= 0 and not all zero")
     return gates / gates.sum()
@@ -219,7 +230,7 @@ def throughput(model, tok, pairs, args, loop: bool) -> float:
     gates = F.one_hot(torch.tensor([e for e, _, _ in batch]), len(PERSONAS)).float()
 
     def step():
-        with pfk.persona_gates(model, gates):
+        with persona_gates(model, gates):
             model(input_ids=ids, attention_mask=attn, labels=labels).loss.backward()
 
     def timed():
@@ -245,7 +256,7 @@ def throughput(model, tok, pairs, args, loop: bool) -> float:
 
 
 def build_parser():
-    ap = _Parser(prog="personafuse demo", description=__doc__.split("\n")[0])
+    ap = ArgParser(prog="personafuse demo", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a local Hugging Face causal LM folder (weights and tokenizer)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32)
@@ -273,14 +284,48 @@ def main(argv=None) -> int:
         return 2
 
 
+def check_args(args) -> None:
+    """Every argument checked before any work: one line and exit 2 for a bad one, not a traceback after
+    training."""
+    prog = "personafuse demo"
+    if args.model:
+        folder = Path(args.model)
+        if not folder.is_dir():
+            raise UsageError(f"{prog}: --model {args.model} is not a folder")
+        if not (folder / "config.json").is_file():
+            raise UsageError(f"{prog}: --model {args.model} holds no config.json: not a Hugging Face model folder")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{prog}: --device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{prog}: --device cuda but no CUDA GPU is visible")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{prog}: --device {args.device!r}: the demo runs on cpu or cuda")
+    for flag in ("steps", "batch", "rank", "layers", "timing_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"{prog}: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.hidden < 8 or args.hidden % 4:
+        raise UsageError(f"{prog}: --hidden must be a multiple of 4 (the attention heads) and >= 8, got {args.hidden}")
+    if not (math.isfinite(args.dropout) and 0.0 <= args.dropout < 1.0):
+        raise UsageError(f"{prog}: --dropout must be in [0, 1), got {args.dropout}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"{prog}: --lr must be a finite number > 0, got {args.lr}")
+    if args.out:
+        writable_folder(args.out, f"{prog}: --out")
+
+
 def run(args) -> int:
-    if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"personafuse demo: --model {args.model} is not a folder")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("personafuse demo: --device cuda but no CUDA GPU is visible")
-    if args.steps < 1 or args.batch < 1:
-        raise UsageError("personafuse demo: --steps and --batch must be >= 1")
+    check_args(args)
     mix = parse_mix(args.mix)
+    if args.out:
+        return demo(args, mix, Path(args.out))
+    with tempfile.TemporaryDirectory(prefix="personafuse-demo-") as tmp:  # removed at the end, whatever happens
+        return demo(args, mix, Path(tmp))
+
+
+def demo(args, mix: torch.Tensor, out: Path) -> int:
+    """Steps 1 to 6 (module docstring), with the checkpoint written under `out`."""
     data = load_dialogues()
     pairs = training_pairs(data)
     if args.model:
@@ -295,8 +340,8 @@ def run(args) -> int:
     router = PersonaRouter(model.get_input_embeddings(), len(PERSONAS)).to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[1/6] model: {n_params / 1e6:.2f}M parameters, {len(PERSONAS)} persona experts ({' '.join(PERSONAS)}) "
-          f"of rank {args.rank} in {len(list(pfk.routed_layers(model)))} projections; backend "
-          f"{pfk.dispatch.resolve_backend('auto', torch.device(args.device), next(model.parameters()).dtype)}")
+          f"of rank {args.rank} in {len(list(routed_layers(model)))} projections; backend "
+          f"{resolve_backend('auto', torch.device(args.device), next(model.parameters()).dtype)}")
 
     print(f"[2/6] training on {len(pairs)} persona dialogue pairs for {args.steps} steps of {args.batch}")
     t0 = time.perf_counter()
@@ -317,13 +362,12 @@ def run(args) -> int:
         print(f"      {mark} want {PERSONAS[e]:<3} | {picks:<28} | {s}")
     print(f"      the router picks the intended persona for {hits} of {len(unseen)} unseen prompts")
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="personafuse-demo-"))
-    pfk.save_adapters(model, out / "adapters")
+    save_adapters(model, out / "adapters")
     from safetensors.torch import load_file, save_file
 
     save_file({k: v.contiguous() for k, v in router.router.state_dict().items()}, str(out / "router.safetensors"))
     fresh = build_model(argparse.Namespace(**{**vars(args), "verbose": False}), len(tok))
-    pfk.load_adapters(fresh, out / "adapters")
+    load_adapters(fresh, out / "adapters")
     fresh_router = PersonaRouter(fresh.get_input_embeddings(), len(PERSONAS)).to(args.device)
     fresh_router.router.load_state_dict(load_file(str(out / "router.safetensors"), device=args.device))
     fresh.eval()
@@ -331,12 +375,13 @@ def run(args) -> int:
     ids, _, pmask, attn = collate(tok, [encode_example(tok, s, None) for s in probe], args.device)
     with torch.no_grad():
         g_old, g_new = router(ids, pmask), fresh_router(ids, pmask)
-        with pfk.persona_gates(model, g_old):
+        with persona_gates(model, g_old):
             y_old = model(input_ids=ids, attention_mask=attn).logits
-        with pfk.persona_gates(fresh, g_new):
+        with persona_gates(fresh, g_new):
             y_new = fresh(input_ids=ids, attention_mask=attn).logits
     same = torch.equal(g_old, g_new) and torch.equal(y_old, y_new)
-    print(f"[4/6] saved adapters and router to {out}; reloaded into a fresh model: outputs "
+    where = out if args.out else "a temporary folder (removed at exit; --out keeps it)"
+    print(f"[4/6] saved adapters and router to {where}; reloaded into a fresh model: outputs "
           f"{'identical' if same else 'DIFFERENT'}")
 
     names = ", ".join(f"{PERSONAS[i]} {float(mix[i]):.2f}" for i in mix.nonzero().flatten())

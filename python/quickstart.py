@@ -92,7 +92,8 @@ def main(argv=None):
         with pfk.routing_inputs(model, attention_mask=mask if args.router == "sequence" else None):
             out = model(input_ids=ids, labels=ids)
         aux = pfk.router_aux_losses(model)
-        loss = out.loss + 0.01 * aux["load_balancing_loss"].to(out.loss.device) + 1e-3 * aux["z_loss"].to(out.loss.device)
+        dev = out.loss.device
+        loss = out.loss + 0.01 * aux["load_balancing_loss"].to(dev) + 1e-3 * aux["z_loss"].to(dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,7 +107,8 @@ def main(argv=None):
         first = lm if first is None else first
         last = lm
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"  step {step:4d}  lm loss {lm:.4f}  aux lb/layer {aux['load_balancing_loss'].item() / num_layers:.3f}  "
+            lb = aux["load_balancing_loss"].item() / num_layers
+            print(f"  step {step:4d}  lm loss {lm:.4f}  aux lb/layer {lb:.3f}  "
                   f"{ids.numel() / dt:,.0f} tok/s")
     tps = tokens_timed / time_timed if time_timed > 0 else float("nan")
     print(f"done: lm loss {first:.4f} -> {last:.4f}; training throughput {tps:,.0f} tokens/s "

@@ -3,11 +3,19 @@ import random
 
 import pytest
 import torch
+from profile_plugin import (  # noqa: F401  (hooks: --profile, the `long` marker, the time budget)
+    pytest_addoption,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_sessionfinish,
+)
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before
 # triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from personafuse_kernels.selftest import rel_err  # noqa: E402  (after TRITON_INTERPRET is set; tests import it)
 
 # Tolerances of a low-precision result against the float64 reference, relative to the reference's norm.
 # flash-attention's rule for gradients is applied in tests: kernel error <= 3x the error of the same-dtype
@@ -25,15 +33,11 @@ def _seed():
     yield
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
 def assert_within_3x(out: torch.Tensor, same_dtype: torch.Tensor, ref: torch.Tensor, name: str = "tensor",
                      floor: float = 1e-4):
-    """STYLE.md's low-precision rule: the error of `out` against the float64 reference `ref` is at most 3x the
-    error of the same computation in torch in the same dtype (`same_dtype`), plus a small absolute floor."""
+    """The 3x rule for low precision (docs/testing.md): the error of `out` against the float64 reference `ref` is
+    at most 3x the error of the same computation in torch in the same dtype (`same_dtype`), plus a small absolute
+    floor."""
     err, err_same = rel_err(out, ref), rel_err(same_dtype, ref)
     assert err <= 3 * err_same + floor, f"{name}: relative error {err:.3e} > 3 x {err_same:.3e} + {floor:g}"
 
