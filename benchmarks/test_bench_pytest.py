@@ -12,7 +12,8 @@ from personafuse_kernels.bench.providers import PROVIDERS, make_provider, unavai
 pytest.importorskip("pytest_benchmark")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-SHAPES = preset_shapes("issue") if DEVICE == "cuda" else [Shape(16, 256, 256, 10, 16, "tiny"), Shape(256, 256, 512, 10, 16, "tiny")]
+SHAPES = (preset_shapes("issue") if DEVICE == "cuda"
+          else [Shape(16, 256, 256, 10, 16, "tiny"), Shape(256, 256, 512, 10, 16, "tiny")])
 
 
 def _sync():

@@ -12,11 +12,13 @@ import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-import triton  # noqa: E402
 
-from personafuse_kernels.ops import router_triton, triton_grouped_kernels as gk, triton_kernels as tk  # noqa: E402
+from personafuse_kernels.ops import router_triton  # noqa: E402
+from personafuse_kernels.ops import triton_grouped_kernels as gk
+from personafuse_kernels.ops import triton_kernels as tk
 from personafuse_kernels.ops.routed_lora_triton import get_config  # noqa: E402
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100/H200)

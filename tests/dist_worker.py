@@ -3,9 +3,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from helpers import LLAMA_PROJECTIONS, randomize_adapters, tiny_llama
 
 import personafuse_kernels as pfk
-from helpers import LLAMA_PROJECTIONS, randomize_adapters, tiny_llama
 
 BATCH = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3))
 

@@ -10,7 +10,8 @@ SCRIPT = ROOT / "benchmarks" / "bench_routed_lora.py"
 
 def test_quick_run_writes_rows(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--providers", "base,loop,stacked,torch",
-                          "--shapes", "3,32,48,4,8", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+                          "--shapes", "3,32,48,4,8", "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert {r["provider"] for r in rows} == {"base", "loop", "stacked", "torch"}

@@ -2,10 +2,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_close
 
 import personafuse_kernels as pfk
-
-from conftest import assert_close
 
 
 class TinyBlock(nn.Module):

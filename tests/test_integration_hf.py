@@ -3,11 +3,10 @@ import copy
 
 import pytest
 import torch
-
-import personafuse_kernels as pfk
-
 from conftest import assert_close, requires_cuda
 from helpers import LLAMA_PROJECTIONS, randomize_adapters, tiny_llama
+
+import personafuse_kernels as pfk
 
 transformers = pytest.importorskip("transformers")
 IDS = torch.tensor([[5, 9, 3, 7, 1, 22, 8], [4, 4, 17, 30, 2, 11, 6]])

@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_close
 
 import personafuse_kernels as pfk
 from personafuse_kernels.routing.routers import router_z_loss, switch_load_balancing_loss
-
-from conftest import assert_close
 
 
 @pytest.mark.parametrize("router", ["token", "sequence", "external"])

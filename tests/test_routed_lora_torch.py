@@ -1,12 +1,11 @@
 """The torch backend (the oracle of every kernel) against the per-expert loop, and gradcheck in float64."""
 import pytest
 import torch
+from conftest import REL_TOL, assert_close
+from helpers import backward_grads, make_inputs, reference
 
 import personafuse_kernels as pfk
 from personafuse_kernels.ops.dropout import keep_mask, new_seed
-
-from conftest import REL_TOL, assert_close
-from helpers import backward_grads, make_inputs, reference
 
 SHAPES = [  # T, K, N, E, r
     (1, 33, 45, 1, 1),

@@ -4,13 +4,12 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import HAS_CUDA, assert_close, assert_within_3x, requires_cuda
+from helpers import backward_grads, make_inputs, reference
 
 import personafuse_kernels as pfk
 from personafuse_kernels.ops import routed_lora_triton as rlt
 from personafuse_kernels.ops.dropout import philox_uniform
-
-from conftest import HAS_CUDA, assert_close, assert_within_3x, requires_cuda
-from helpers import backward_grads, make_inputs, reference
 
 pytestmark = pytest.mark.skipif("triton" not in pfk.available_backends(),
                                 reason=f"triton backend unavailable: {pfk.unavailable_reasons().get('triton')}")
@@ -54,7 +53,8 @@ def check_against_reference(inputs, scaling, tol, dropout_p=0.0, seed=0):
 @pytest.mark.parametrize("T,K,N,E,r", SHAPES)
 @pytest.mark.parametrize("gate_mode", ["token", "sequence"])
 def test_matches_torch_fp32(T, K, N, E, r, gate_mode):
-    inputs = make_inputs(T, K, N, E, r, gate_mode=gate_mode, device=DEVICE, batch=2 if gate_mode == "sequence" else None)
+    batch = 2 if gate_mode == "sequence" else None
+    inputs = make_inputs(T, K, N, E, r, gate_mode=gate_mode, device=DEVICE, batch=batch)
     check_against_reference(inputs, torch.linspace(0.5, 2.0, E, device=DEVICE), FP32_TOL)
 
 

@@ -2,12 +2,11 @@
 reference (dense gates with zeros off the top-k), the top-k router with capacity, layers, validation."""
 import pytest
 import torch
+from conftest import HAS_CUDA, assert_close
 
 import personafuse_kernels as pfk
 from personafuse_kernels.dispatch import prefer_grouped
 from personafuse_kernels.routing.topk import build_routing_metadata
-
-from conftest import HAS_CUDA, assert_close
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 TRITON = "triton" in pfk.available_backends()

@@ -84,5 +84,6 @@ def format_e2e(rows: list[dict]) -> str:
         mem = f", peak {r['peak_mib']:.0f} MiB" if r.get("peak_mib") is not None else ""
         lines.append(f"  {name:<12}{r['tokens_per_s']:>12,.0f} tokens/s{mem}")
     if "loop" in by and "personafuse" in by:
-        lines.append(f"  speed-up over the per-expert loop: {by['personafuse']['tokens_per_s'] / by['loop']['tokens_per_s']:.2f}x")
+        speedup = by["personafuse"]["tokens_per_s"] / by["loop"]["tokens_per_s"]
+        lines.append(f"  speed-up over the per-expert loop: {speedup:.2f}x")
     return "\n".join(lines)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
-from . import routed_lora_torch, triton_grouped_kernels as gk
+from . import routed_lora_torch
+from . import triton_grouped_kernels as gk
 from .routed_lora_triton import _dot_args, _num_sms, _pow2, interpreting, triton_cdiv
 
 BLOCK_L = 64
