@@ -9,11 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import emu
 import pytest
 import torch
-
-import emu
 from conftest import REL_TOL, assert_close
+from profile_plugin import PROFILE
+
 from personafuse_kernels.ops.routed_lora_torch import TorchGateOps, _b_cat
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler")
@@ -92,9 +93,9 @@ def test_decode_kernel(dtype, T, K, N, E, r, seq_len, vectorized):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="AddressSanitizer runtime preload is set up for Linux")
 def test_emulated_kernels_under_address_sanitizer(tmp_path):
-    """A CPU memcheck: this file's kernel tests and the emulated cuda backend's tests again, with the kernels and
-    personafuse_ops.cpp built with ASan + UBSan (out-of-bounds reads and writes, misaligned vector loads); any
-    report fails the run."""
+    """A CPU memcheck: this file's kernel tests (and in the long profile the emulated cuda backend's tests) again,
+    with the kernels (and personafuse_ops.cpp) built with ASan + UBSan (out-of-bounds reads and writes, misaligned
+    vector loads); any report fails the run."""
     if os.environ.get("PFK_EMU_SANITIZE") == "1":
         pytest.skip("already running under the sanitizer")
     cc = emu.compiler()
@@ -107,7 +108,9 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     # C++ exceptions thrown from libraries loaded before the sanitized one (triton at import, c10's TORCH_CHECK,
     # torch.compile probing CUDA) hit an ASan CHECK in its __cxa_throw interceptor in this setup: triton stays
     # unimported (nothing here needs it), and the bad-input and torch.compile tests run only in the normal pass.
-    files = [__file__, str(Path(__file__).with_name("test_cuda_backend_emulated.py"))]  # kernels, then C++ glue
+    # The kernels in every profile; the C++ glue (personafuse_ops.cpp, whose build with the sanitizers and torch's
+    # headers is the slowest compile of the suite) in the long profile. The glue runs unsanitized in every profile.
+    files = [__file__] + ([str(Path(__file__).with_name("test_cuda_backend_emulated.py"))] if PROFILE == "long" else [])
     args = ["-q", "-x", "-p", "no:cacheprovider", *files, "-k", "not sanitizer and not reject and not compiled"]
     run = f"import sys, pytest; sys.modules['triton'] = None; sys.exit(pytest.main({args!r}))"
     res = subprocess.run([sys.executable, "-c", run], cwd=emu.ROOT, env=env, capture_output=True, text=True,
@@ -229,6 +232,7 @@ TOPK_CASES = [  # T, K, N, E, r, k, pattern, block_m
 
 def _topk_routing(T, E, k, pattern, block_m):
     from test_topk import routing
+
     from personafuse_kernels.routing.topk import build_routing_metadata
 
     idx = routing(T, E, k, pattern, torch.Generator().manual_seed(T + E))
