@@ -113,6 +113,18 @@ WITHOUT_EDITABLE_INSTALL = ("import sys\n"
                             "str(getattr(f, '__module__', ''))]\n")
 
 
+def _install_outside(tmp_path: Path, wheel: Path) -> tuple[Path, Path]:
+    """pip install --target the wheel (no deps: the environment's torch serves), and an empty working folder
+    outside the checkout to run it from."""
+    site = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    return site, outside
+
+
 def _can_build_extension() -> str | None:
     import torch
 
@@ -151,12 +163,7 @@ def test_wheel_from_sdist_installs_and_runs_outside_the_checkout(tmp_path):
     assert any(n.startswith(f"{dist_info}/") and n.endswith("LICENSE") for n in names)
     assert "Apache-2.0" in metadata
 
-    site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
+    site, outside = _install_outside(tmp_path, wheel)
     run_env = {**os.environ, "PYTHONPATH": str(site), "TRITON_INTERPRET": "1"}
     smoke = WITHOUT_EDITABLE_INSTALL + r'''
 import json, sys, torch
@@ -214,12 +221,7 @@ def test_isolated_build_installs_without_the_extension_and_says_how_to_get_it(tm
     assert "personafuse_kernels/_csrc/personafuse_ops.cpp" in names
     assert "personafuse_kernels/_csrc/include/pfk_device.cuh" in names
     assert "extension_built = False" in facts and "torch is not installed at build time" in facts
-    site = tmp_path / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
+    site, outside = _install_outside(tmp_path, wheel)
     code = (WITHOUT_EDITABLE_INSTALL + "from personafuse_kernels import _extension\n"
             "print(_extension.sources_dir())\n"
             "print(_extension.extension_error())\n")

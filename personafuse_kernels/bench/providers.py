@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..dispatch import available_backends
 from ..functional import routed_lora
+from ..ops.routed_lora_torch import routed_lora_reference
 
 PROVIDERS = ["base", "loop", "xlora", "stacked", "compile", "torch", "triton", "cuda", "triton-dense", "cuda-dense"]
 OUR_BACKENDS = ("torch", "triton", "cuda")
@@ -27,10 +28,8 @@ OUR_BACKENDS = ("torch", "triton", "cuda")
 
 
 def loop_lora(x, W, b, A, B, g, s):
-    y = F.linear(x, W, b)
-    for e in range(A.shape[0]):
-        y = y + (s[e] * g[:, e : e + 1]).to(x.dtype) * ((x @ A[e].t()) @ B[e].t())
-    return y
+    """The per-expert loop (how peft's X-LoRA computes the layer): the package's own reference, no dropout."""
+    return routed_lora_reference(x, W, b, A, B, g, s)
 
 
 def stacked_lora(x, W, b, A, B, g, s):

@@ -20,7 +20,6 @@ import torch
 from .._extension import require_extension
 from . import routed_lora_torch
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TENSOR_CORE_MAX_RANK = 128  # csrc/include/pfk_lora.h kTensorCoreMaxRank
 
 

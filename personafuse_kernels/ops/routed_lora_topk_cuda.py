@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
+from ..routing.topk import block_m_for as topk_block_m
 from . import routed_lora_cuda, routed_lora_topk_torch, routed_lora_torch
 
 MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
 
 
 def block_m_for(T: int, k: int) -> int:
-    """Pairs per metadata block: 16 for small batches (less padding), else one full 64-row tile."""
-    return 16 if T * k <= 1024 else MAX_BLOCK_M
+    """Pairs per metadata block (routing.topk.block_m_for), at most the kernels' kMaxBlockPairs."""
+    return topk_block_m(T, k, MAX_BLOCK_M)
 
 
 def grouped_supported(x: torch.Tensor, r: int) -> bool:

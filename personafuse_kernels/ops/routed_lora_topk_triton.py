@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
+from ..routing.topk import block_m_for as topk_block_m
 from . import routed_lora_torch
 from . import triton_grouped_kernels as gk
 from .routed_lora_triton import _dot_args, _num_sms, _pow2, interpreting, triton_cdiv
@@ -22,8 +23,8 @@ BLOCK_L = 64
 
 
 def block_m_for(T: int, k: int) -> int:
-    """Pairs per block (the metadata's BLOCK_M): small batches waste less padding with 16."""
-    return 16 if T * k <= 1024 or interpreting() else 64
+    """Pairs per block (routing.topk.block_m_for); 16 under the interpreter, whose cost grows with the tile."""
+    return 16 if interpreting() else topk_block_m(T, k)
 
 
 def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: RoutingMeta, r: int, epilogue: int,

@@ -33,7 +33,6 @@ from ..dispatch import interpreting, token_bucket
 from . import routed_lora_torch
 from . import triton_kernels as tk
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TUNED_DIR = Path(__file__).with_name("triton_configs")
 SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
 

@@ -95,6 +95,12 @@ class TopKGates:
         return f"TopKGates(indices={tuple(self.indices.shape)}, weights={tuple(self.weights.shape)})"
 
 
+def block_m_for(T: int, k: int, large: int = 64) -> int:
+    """Pairs per metadata block (BLOCK_M) for T tokens of k slots: 16 for small batches, where a 64-pair tile would
+    be mostly padding, else one full tile of `large` (64: the grouped kernels' row tile)."""
+    return 16 if T * k <= 1024 else large
+
+
 def dense_gates(indices: Tensor, weights: Tensor, num_experts: int) -> Tensor:
     """g[..., e] = sum of weights[..., s] over the slots s with indices[..., s] == e: [..., k] -> [..., E].
 
