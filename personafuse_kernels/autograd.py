@@ -11,7 +11,7 @@ functional.routed_lora (x [T, K], gates [G, E], seq_len tokens per gate row).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +65,27 @@ def _(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p
             _grad_like(lora_A, need_dA), _grad_like(lora_B, need_dB), _grad_like(gates, need_dgates))
 
 
+class Needs(NamedTuple):
+    """Which gradients a backward computes, by name: the backends' `needs` argument, in this order."""
+    x: bool
+    weight: bool
+    bias: bool
+    lora_A: bool
+    lora_B: bool
+    gates: bool  # dense gates, or the top-k routing weights
+
+    @classmethod
+    def of(cls, ctx, gates_at: int = 5) -> "Needs":
+        """From ctx.needs_input_grad of a forward whose inputs start x, weight, bias, lora_A, lora_B and hold the
+        gates at position gates_at; bias only when there was one."""
+        need = ctx.needs_input_grad
+        return cls(need[0], need[1], need[2] and ctx.has_bias, need[3], need[4], need[gates_at])
+
+    def keep(self, grads) -> tuple:
+        """The six gradients with None where not needed (a backend returns empty tensors there)."""
+        return tuple(g if wanted else None for g, wanted in zip(grads, self))
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -104,27 +125,17 @@ class RoutedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, gates, scaling, seed, H = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_db = need[2] and ctx.has_bias
-        needs = (need[0], need[1], need_db, need[3], need[4], need[5])
+        needs = Needs.of(ctx)  # forward's inputs: x, weight, bias, lora_A, lora_B, gates, then constants
         if torch.is_grad_enabled() and not _compiling():
             # create_graph=True (a gradient penalty, Hessian-vector products): the gradients must themselves be
             # differentiable, which the fused kernels' outputs (and the saved H, cut from x and lora_A) are not.
-            dx, dW, db, dA, dB, dg = differentiable_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed,
-                                                             ctx.seq_len, ctx.dropout_p, needs)
+            grads = differentiable_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, ctx.seq_len,
+                                            ctx.dropout_p, needs)
         else:
             op = torch.ops.personafuse.routed_lora_backward if _compiling() else routed_lora_backward_impl
-            dx, dW, db, dA, dB, dg = op(dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H,
-                                        ctx.seq_len, ctx.dropout_p, *needs, ctx.backend)
-        return (
-            dx if need[0] else None,
-            dW if need[1] else None,
-            db if need_db else None,
-            dA if need[3] else None,
-            dB if need[4] else None,
-            dg if need[5] else None,
-            None, None, None, None, None,
-        )
+            grads = op(dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H, ctx.seq_len,
+                       ctx.dropout_p, *needs, ctx.backend)
+        return (*needs.keep(grads), None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- top-k gates (grouped path)
@@ -224,21 +235,18 @@ class RoutedLoRATopKFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_db = need[2] and ctx.has_bias
+        # forward's inputs: x, weight, bias, lora_A, lora_B, indices (no gradient), weights, then constants
+        needs = Needs.of(ctx, gates_at=6)
         if torch.is_grad_enabled() and not _compiling():  # create_graph=True: see RoutedLoRAFunction.backward
             from .routing.topk import dense_gates
 
             dense = dense_gates(indices, weights, lora_A.shape[0])  # [T, E]
-            dx, dW, db, dA, dB, dg = differentiable_backward(
-                dy, x, weight, lora_A, lora_B, dense, scaling, seed, 1, ctx.dropout_p,
-                (need[0], need[1], need_db, need[3], need[4], need[6]))
-            dw = dg.gather(1, indices) if need[6] else None
-            return (dx if need[0] else None, dW if need[1] else None, db if need_db else None,
-                    dA if need[3] else None, dB if need[4] else None, None, dw, None, None, None, None)
-        op = torch.ops.personafuse.routed_lora_topk_backward if _compiling() else routed_lora_topk_backward_impl
-        dx, dW, db, dA, dB, dw = op(dy.contiguous(), x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved,
-                                    *tensors, ctx.block_m, ctx.dropout_p, need[0], need[1], need_db, need[3], need[4],
-                                    need[6], ctx.backend)
-        return (dx if need[0] else None, dW if need[1] else None, db if need_db else None, dA if need[3] else None,
-                dB if need[4] else None, None, dw if need[6] else None, None, None, None, None)
+            dx, dW, db, dA, dB, dg = differentiable_backward(dy, x, weight, lora_A, lora_B, dense, scaling, seed, 1,
+                                                             ctx.dropout_p, needs)
+            grads = (dx, dW, db, dA, dB, dg.gather(1, indices) if needs.gates else None)
+        else:
+            op = torch.ops.personafuse.routed_lora_topk_backward if _compiling() else routed_lora_topk_backward_impl
+            grads = op(dy.contiguous(), x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors,
+                       ctx.block_m, ctx.dropout_p, *needs, ctx.backend)
+        dx, dW, db, dA, dB, dw = needs.keep(grads)
+        return (dx, dW, db, dA, dB, None, dw, None, None, None, None)
