@@ -57,6 +57,12 @@ def cmd_check(args) -> int:
             failed += not ok
             print(f"  {name:<8}{'PASS' if ok else 'FAIL'}  bfloat16 (decode, dropout, top-2 grouped): worst error "
                   f"{ratio:.2f}x torch's bfloat16 error" + ("" if ok else f"  {detail}"))
+    if "personafuse_kernels.ops.routed_lora_triton" in sys.modules:  # only when the self-test ran Triton
+        from .ops.routed_lora_triton import TMA_FALLBACKS
+
+        for cfg, reason in TMA_FALLBACKS.items():
+            print(f"  triton  note: the TMA dual GEMM ({cfg.gemm_m}x{cfg.gemm_n}x{cfg.gemm_k}, {cfg.num_warps} warps) "
+                  f"failed to compile here and runs the pointer kernel: {reason}")
     print("all available backends pass" if not failed else f"{failed} backend(s) FAILED")
     return 0 if not failed else 1
 

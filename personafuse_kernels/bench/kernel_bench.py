@@ -245,6 +245,9 @@ def _time_provider(name, mode, s, device, W, b, A, B, sets, scale, dy):
         out["peak_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20, 1)
     for t in leaves:
         t.grad = None
+    triton_ops = sys.modules.get("personafuse_kernels.ops.routed_lora_triton")
+    if triton_ops is not None:  # TMA configs that failed to compile so far: their rows ran the pointer kernel
+        out["tma_fallbacks"] = len(triton_ops.TMA_FALLBACKS)
     return out
 
 

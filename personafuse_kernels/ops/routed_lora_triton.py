@@ -173,7 +173,24 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     return H, Hg
 
 
-_TMA_FAILED: set = set()  # configs whose TMA kernel failed to compile on this machine (fall back, warn once)
+# Configs whose TMA kernel failed to compile on this machine, with the reason: they run the pointer kernel from then
+# on. Reported by `personafuse check` and in every bench row (tma_fallbacks), not only in a one-time warning.
+TMA_FALLBACKS: dict = {}
+
+
+def _compile_errors() -> tuple:
+    """The exceptions that mean "this config does not compile here" (nothing was launched), so falling back is
+    safe: Triton's front-end and resource errors, ptxas failures, and an MLIR pass manager failure (a RuntimeError
+    that names the PassManager). Anything else, a launch failure for instance, propagates."""
+    import triton.compiler.errors as compiler_errors
+    import triton.runtime.errors as runtime_errors
+
+    names = (("CompilationError", compiler_errors), ("OutOfResources", runtime_errors), ("PTXASError", runtime_errors))
+    return tuple(getattr(mod, name) for name, mod in names if hasattr(mod, name))
+
+
+def _is_compile_failure(exc: Exception) -> bool:
+    return isinstance(exc, _compile_errors()) or (isinstance(exc, RuntimeError) and "PassManager" in str(exc))
 
 
 def _set_tma_allocator() -> None:
@@ -194,7 +211,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
 def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config, m_trans: bool,
                   dropout_term2: bool) -> bool:
     """Persistent TMA dual GEMM; returns False (nothing launched) when it cannot run here."""
-    if not cfg.tma or cfg in _TMA_FAILED or not _tma_ok(out, x1, m1, x2, m2):
+    if not cfg.tma or cfg in TMA_FALLBACKS or not _tma_ok(out, x1, m1, x2, m2):
         return False
     M, N = out.shape
     num_sms = _num_sms(out.device)
@@ -211,12 +228,13 @@ def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config
             NUM_SMS=num_sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
             **_dot_args(out.dtype), num_warps=cfg.num_warps,
         )
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # compile-time failure (unsupported config on this Triton): nothing ran yet
-        _TMA_FAILED.add(cfg)
-        warnings.warn(f"personafuse: the TMA dual-GEMM kernel failed to compile ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using the pointer kernel")
+    except Exception as exc:
+        if not _is_compile_failure(exc):
+            raise
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        TMA_FALLBACKS[cfg] = reason
+        warnings.warn(f"personafuse: the TMA dual-GEMM kernel failed to compile ({reason}); using the pointer "
+                      f"kernel for this config (personafuse check lists such fallbacks)")
         return False
     return True
 
@@ -356,9 +374,11 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     dx = dy.new_empty(0)
     if need_dx:
         dx = x.new_empty(T, K)
-        on_tma = T > SMALL_T and dual_gemm_tma(dx, dy, weight, dH, lora_A.view(C, K), None, seed, dropout_p, cfg,
-                                               m_trans=False, dropout_term2=dropout_p > 0)
-        if not on_tma:
+        launched = False
+        if T > SMALL_T:
+            launched = dual_gemm_tma(dx, dy, weight, dH, lora_A.view(C, K), None, seed, dropout_p, cfg,
+                                     m_trans=False, dropout_term2=dropout_p > 0)
+        if not launched:
             # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
             dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
                       has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
