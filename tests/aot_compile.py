@@ -78,8 +78,9 @@ def gemm_cases(dtype="bf16"):
                        "s_bn": "i32", "s_bj": "i32"},
                       {"BLOCK_M": cfg.dhg_m, "BLOCK_N": cfg.dhg_n, "EXPERTS_PER_BLOCK": 4, "R_PAD": 16, **dot},
                       {"num_warps": cfg.num_warps}))
-        for q_mode in (1, 2):
-            cases.append((f"tn_gemm q_mode={q_mode} {tag}", tk._tn_gemm_kernel,
+        for q_name in ("Q_DROPOUT", "Q_GATED"):  # wgrad_A with dropout, wgrad_B
+            q_mode = getattr(tk, q_name).value
+            cases.append((f"tn_gemm {q_name} {tag}", tk._tn_gemm_kernel,
                           {"P": p, "Q": p, "GATES": "*fp32", "SCALING": "*fp32", "SEED": "*i64", "OUT": "*fp32",
                            "T": "i32", "I": "i32", "J": "i32", "R": "i32", "E": "i32", "SEQ_LEN": "i32",
                            "s_pt": "i32", "s_pi": "i32", "s_qt": "i32", "s_qj": "i32", "s_os": "i32",
@@ -88,26 +89,29 @@ def gemm_cases(dtype="bf16"):
                            "BLOCK_J": cfg.tn_j, "BLOCK_T": cfg.tn_t, **dot}, {"num_warps": cfg.num_warps}))
     dot = {"DOT_PRECISION": "tf32", "UPCAST": False}
     meta_types = {"BLOCK_GROUP": "*i32", "BLOCK_START": "*i32", "GROUP_START": "*i32", "SORTED_PAIRS": "*i32"}
-    for epilogue in (0, 1):
-        cases.append((f"grouped_pair_gemm epilogue={epilogue}", gk._grouped_pair_gemm_kernel,
+    for epi_name in ("EPI_SHRINK", "EPI_DHG"):
+        epilogue = getattr(gk, epi_name).value
+        cases.append((f"grouped_pair_gemm {epi_name}", gk._grouped_pair_gemm_kernel,
                       {"X": p, "M": p, "W_PAIR": "*fp32", "SCALING": "*fp32", "SEED": "*i64", "H": p, "OUT": p,
                        "DW": "*fp32", **meta_types, "L": "i32", "R": "i32", "K_SLOTS": "i32", "s_me": "i32",
                        "s_ml": "i32", "s_mj": "i32", "dropout_p": "fp32", "dropout_scale": "fp32"},
-                      {"EPILOGUE": epilogue, "HAS_DROPOUT": epilogue == 0, "BLOCK_M": 64, "BLOCK_L": 64,
+                      {"EPILOGUE": epilogue, "HAS_DROPOUT": epi_name == "EPI_SHRINK", "BLOCK_M": 64, "BLOCK_L": 64,
                        "R_PAD": 16, **dot}, {"num_warps": 4}))
     cases.append(("grouped_expand", gk._grouped_expand_kernel,
                   {"X2": p, "M": p, "OUT": p, "SEED": "*i64", **meta_types, "N": "i32", "R": "i32",
                    "K_SLOTS": "i32", "SLOT": "i32", "s_me": "i32", "s_mj": "i32", "s_mn": "i32",
                    "dropout_p": "fp32", "dropout_scale": "fp32"},
                   {"HAS_DROPOUT": True, "BLOCK_M": 64, "BLOCK_N": 64, "R_PAD": 16, **dot}, {"num_warps": 4}))
-    for mode in (0, 1):
-        cases.append((f"grouped_wgrad mode={mode}", gk._grouped_wgrad_kernel,
+    for mode_name in ("WGRAD_B", "WGRAD_A"):
+        mode = getattr(gk, mode_name).value
+        cases.append((f"grouped_wgrad {mode_name}", gk._grouped_wgrad_kernel,
                       {"P": p, "Q": p, "W_PAIR": "*fp32", "SCALING": "*fp32", "SEED": "*i64", "OUT": "*fp32",
                        "GROUP_START": "*i32", "SORTED_PAIRS": "*i32", "I": "i32", "J": "i32", "R": "i32",
                        "K_SLOTS": "i32", "s_os": "i32", "s_oe": "i32", "s_oi": "i32", "s_oj": "i32",
                        "dropout_p": "fp32", "dropout_scale": "fp32"},
-                      {"MODE": mode, "HAS_DROPOUT": mode == 1, "SPLIT": 4, "BLOCK_I": 64 if mode == 0 else 16,
-                       "BLOCK_J": 16 if mode == 0 else 64, "BLOCK_T": 32, **dot}, {"num_warps": 4}))
+                      {"MODE": mode, "HAS_DROPOUT": mode_name == "WGRAD_A", "SPLIT": 4,
+                       "BLOCK_I": 64 if mode_name == "WGRAD_B" else 16, "BLOCK_J": 16 if mode_name == "WGRAD_B" else 64,
+                       "BLOCK_T": 32, **dot}, {"num_warps": 4}))
     cases.append(("topk_router", router_triton._topk_router_fwd_kernel,
                   {"X": p, "W": p, "B": p, "PROBS": "*fp32", "LSE": "*fp32", "IDX": "*i64", "WTS": "*fp32",
                    "T": "i32", "K": "i32", "E": "i32", "inv_temp": "fp32"},

@@ -27,8 +27,23 @@ def block_m_for(T: int, k: int) -> int:
     return 16 if interpreting() else topk_block_m(T, k)
 
 
-def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: RoutingMeta, r: int, epilogue: int,
+def pair_shrink(x, lora_A, w_pair, scaling, seed, H, Hg, meta: RoutingMeta, *, r: int, dropout_p: float):
+    """Per pair p: H[p] = drop(x)[tok_p] A_e^T and Hg[p] = H[p] * w_p s_e; x [T, K], H and Hg [P, r] (out)."""
+    K = x.shape[1]
+    # lora_A [E, r, K] read as M[e, l=k, j] at e*r*K + k + j*K
+    _pair_gemm(x, lora_A, (r * K, 1, K), w_pair, scaling, seed, H, Hg, w_pair, meta, r, gk.EPI_SHRINK.value, dropout_p)
+
+
+def pair_dhg(dy, lora_B, w_pair, scaling, seed, H, dH, dw, meta: RoutingMeta, *, r: int):
+    """Per pair p: dHg = dY[tok_p] B_e, then dw[p] = s_e <dHg, H[p]> and dH[p] = dHg * w_p s_e; dy [T, N]."""
+    N = dy.shape[1]
+    # lora_B [E, N, r] read as M[e, l=n, j] at e*N*r + n*r + j
+    _pair_gemm(dy, lora_B, (N * r, r, 1), w_pair, scaling, seed, H, dH, dw, meta, r, gk.EPI_DHG.value, 0.0)
+
+
+def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: RoutingMeta, r: int, epilogue,
                dropout_p: float):
+    """The kernel behind pair_shrink and pair_dhg; epilogue is gk.EPI_SHRINK or gk.EPI_DHG."""
     L = X.shape[1]
     grid = (meta.block_group.shape[0],)
     gk._grouped_pair_gemm_kernel[grid](
@@ -53,9 +68,20 @@ def _expand(out, X2, M, m_strides, seed, meta: RoutingMeta, r: int, dropout_p: f
         )
 
 
-def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: int, r: int, mode: int,
+def expert_wgrad_B(dy, H, w_pair, scaling, seed, meta: RoutingMeta, *, E: int, r: int) -> torch.Tensor:
+    """dB [E, N, r] fp32: per expert, dY[tok]^T (H * w_p s_e) over its pairs."""
+    return _wgrad(dy, H, w_pair, scaling, seed, meta, E, dy.shape[1], r, r, gk.WGRAD_B.value, 0.0)
+
+
+def expert_wgrad_A(dH, x, w_pair, scaling, seed, meta: RoutingMeta, *, E: int, r: int, dropout_p: float
+                   ) -> torch.Tensor:
+    """dA [E, r, K] fp32: per expert, dH^T drop(x)[tok] over its pairs."""
+    return _wgrad(dH, x, w_pair, scaling, seed, meta, E, r, x.shape[1], r, gk.WGRAD_A.value, dropout_p)
+
+
+def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: int, r: int, mode,
            dropout_p: float):
-    """[E, I, J] fp32: dB (mode 0, I = N, J = r) or dA (mode 1, I = r, J = K)."""
+    """[E, I, J] fp32, the kernel behind expert_wgrad_B (I = N, J = r) and expert_wgrad_A (I = r, J = K)."""
     block_i = _pow2(I, 16, 64)
     block_j = _pow2(J, 16, 64)
     tiles = triton_cdiv(I, block_i) * triton_cdiv(J, block_j)
@@ -64,8 +90,8 @@ def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: in
     gk._grouped_wgrad_kernel[(E, tiles, split)](
         P, Q, w_pair, scaling, seed, out, meta.group_start, meta.sorted_pairs, I, J, r, meta.k,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), dropout_p, 1.0 / (1.0 - dropout_p),
-        MODE=mode, HAS_DROPOUT=mode == 1 and dropout_p > 0.0, SPLIT=split, BLOCK_I=block_i, BLOCK_J=block_j,
-        BLOCK_T=32, **_dot_args(P.dtype), num_warps=4,
+        MODE=mode, HAS_DROPOUT=mode == gk.WGRAD_A.value and dropout_p > 0.0, SPLIT=split, BLOCK_I=block_i,
+        BLOCK_J=block_j, BLOCK_T=32, **_dot_args(P.dtype), num_warps=4,
     )
     return out.sum(0) if split > 1 else out[0]
 
@@ -85,8 +111,7 @@ def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dr
     y = F.linear(x, weight, bias)
     if P == 0:
         return y, H
-    # lora_A [E, r, K] read as M[e, l=k, j] at e*r*K + k + j*K
-    _pair_gemm(x, lora_A, (r * K, 1, K), w_pair, scaling32, seed, H, Hg, w_pair, meta, r, 0, dropout_p)
+    pair_shrink(x, lora_A, w_pair, scaling32, seed, H, Hg, meta, r=r, dropout_p=dropout_p)
     # lora_B [E, N, r] read as M[e, j, n] at e*N*r + j + n*r
     _expand(y, Hg, lora_B, (N * r, 1, r), seed, meta, r, 0.0)
     return y, H
@@ -100,15 +125,14 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
     dH = torch.zeros_like(H)
     dw = torch.zeros(P, dtype=torch.float32, device=dy.device)
     if P:
-        # dHg = dY[tok] B_e: lora_B read as M[e, l=n, j] at e*N*r + n*r + j
-        _pair_gemm(dy, lora_B, (N * r, r, 1), w_pair, scaling32, seed, H, dH, dw, meta, r, 1, 0.0)
+        pair_dhg(dy, lora_B, w_pair, scaling32, seed, H, dH, dw, meta, r=r)
     dB = dy.new_empty(0)
     if need_dB:
-        dB = (_wgrad(dy, H, w_pair, scaling32, seed, meta, E, N, r, r, 0, 0.0) if P
+        dB = (expert_wgrad_B(dy, H, w_pair, scaling32, seed, meta, E=E, r=r) if P
               else torch.zeros(E, N, r, device=dy.device)).to(lora_B.dtype)
     dA = dy.new_empty(0)
     if need_dA:
-        dA = (_wgrad(dH, x, w_pair, scaling32, seed, meta, E, r, K, r, 1, dropout_p) if P
+        dA = (expert_wgrad_A(dH, x, w_pair, scaling32, seed, meta, E=E, r=r, dropout_p=dropout_p) if P
               else torch.zeros(E, r, K, device=dy.device)).to(lora_A.dtype)
     dx = dy.new_empty(0)
     if need_dx:

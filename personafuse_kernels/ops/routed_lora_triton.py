@@ -331,9 +331,21 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
     return dH, dg_tok
 
 
-def tn_gemm(p, q, I: int, J: int, q_mode: int, gates, scaling, seed, r: int, seq_len: int, dropout_p: float,
-            cfg: Config):
-    """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J] (q_mode 0 plain, 1 dropout, 2 gated)."""
+def wgrad_B(dy, H, gates32, scaling32, seed, *, r: int, seq_len: int, cfg: Config) -> torch.Tensor:
+    """dB_cat [N, C] fp32 = dY^T Hg, with Hg = H * s_e g rebuilt from H on load; dy [T, N], H [T, C]."""
+    return _tn_gemm(dy, H, dy.shape[1], H.shape[1], tk.Q_GATED.value, gates32, scaling32, seed, r, seq_len, 0.0, cfg)
+
+
+def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len: int, dropout_p: float, cfg: Config
+            ) -> torch.Tensor:
+    """dA_cat [C, K] fp32 = dH^T drop(x), the dropout mask regenerated from the seed; dH [T, C], x [T, K]."""
+    q_mode = (tk.Q_DROPOUT if dropout_p > 0 else tk.Q_PLAIN).value
+    return _tn_gemm(dH, x, dH.shape[1], x.shape[1], q_mode, gates32, scaling32, seed, r, seq_len, dropout_p, cfg)
+
+
+def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len: int, dropout_p: float,
+             cfg: Config):
+    """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J], q as q_mode says (triton_kernels.Q_*)."""
     T = p.shape[0]
     tiles = triton_cdiv(I, cfg.tn_i) * triton_cdiv(J, cfg.tn_j)
     atomic = _atomic_reduce()
@@ -365,12 +377,12 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
 
     dB = dy.new_empty(0)
     if need_dB:
-        dB_cat = tn_gemm(dy, H, N, C, 2, gates32, scaling32, seed, r, seq_len, 0.0, cfg)  # [N, C]
+        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfg)  # [N, C]
         dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
     dA = dy.new_empty(0)
     if need_dA:
-        dA = tn_gemm(dH, x, C, K, 1 if dropout_p > 0 else 0, gates32, scaling32, seed, r, seq_len, dropout_p,
-                     cfg).view(E, r, K).to(lora_A.dtype)
+        dA = wgrad_A(dH, x, gates32, scaling32, seed, r=r, seq_len=seq_len, dropout_p=dropout_p,
+                     cfg=cfg).view(E, r, K).to(lora_A.dtype)
     dx = dy.new_empty(0)
     if need_dx:
         dx = x.new_empty(T, K)

@@ -4,8 +4,8 @@ that share one expert e and one slot s. Every program of the first two kernels t
 its tokens' rows on load and uses expert e's weights, so only the k chosen experts of each token are computed.
 
     _grouped_pair_gemm_kernel   per pair: acc = X[tok] M_e over the long dim (K or N), r outputs
-        EPILOGUE 0 (forward shrink):  H = acc, Hg = H * w_p * s_e                       -> [P, r] each
-        EPILOGUE 1 (backward dHg):    dw_p = s_e <acc, H_p>, dH = acc * w_p * s_e       -> [P], [P, r]
+        EPILOGUE = EPI_SHRINK (forward):   H = acc, Hg = H * w_p * s_e                   -> [P, r] each
+        EPILOGUE = EPI_DHG (backward):     dw_p = s_e <acc, H_p>, dH = acc * w_p * s_e   -> [P], [P, r]
     _grouped_expand_kernel      out[tok] += d * (X2[p] M_e) for the pairs of one slot: each token appears once
                                 per slot, so rows never collide (no atomics; k launches); y and dx
     _grouped_wgrad_kernel       per expert, over its contiguous pairs: dB_e = dY[tok]^T Hg, dA_e = dH^T drop(x)[tok]
@@ -17,6 +17,13 @@ import triton
 import triton.language as tl
 
 from .triton_kernels import _dropout_keep, _mma
+
+# The epilogue of _grouped_pair_gemm_kernel and the gradient _grouped_wgrad_kernel computes, named; the launchers
+# (pair_shrink / pair_dhg, expert_wgrad_B / expert_wgrad_A in routed_lora_topk_triton.py) pick them.
+EPI_SHRINK = tl.constexpr(0)
+EPI_DHG = tl.constexpr(1)
+WGRAD_B = tl.constexpr(0)  # dB_e [N, r]
+WGRAD_A = tl.constexpr(1)  # dA_e [r, K]
 
 
 @triton.jit
@@ -67,7 +74,7 @@ def _grouped_pair_gemm_kernel(
     mask = ok[:, None] & c_ok[None, :]
     ptrs = pair[:, None].to(tl.int64) * R + cols[None, :]
     coef = tl.load(W_PAIR + pair, mask=ok, other=0.0) * tl.load(SCALING + e)  # w_p * s_e
-    if EPILOGUE == 0:
+    if EPILOGUE == EPI_SHRINK:
         h = acc.to(H.dtype.element_ty)
         tl.store(H + ptrs, h, mask=mask)
         tl.store(OUT + ptrs, (h.to(tl.float32) * coef[:, None]).to(OUT.dtype.element_ty), mask=mask)
@@ -119,8 +126,8 @@ def _grouped_wgrad_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """OUT[split, e, i, j] = sum over expert e's pairs p (a SPLIT-th of them) of P_p[i] * Q_p[j]:
-        MODE 0 (dB_e, [N, r]):  P_p = dY[tok_p] (I = N),  Q_p = H[p] * w_p * s_e (J = r)
-        MODE 1 (dA_e, [r, K]):  P_p = dH[p] (I = r),      Q_p = drop(x)[tok_p] (J = K; mask with HAS_DROPOUT)
+        MODE = WGRAD_B (dB_e, [N, r]):  P_p = dY[tok_p] (I = N),  Q_p = H[p] * w_p * s_e (J = r)
+        MODE = WGRAD_A (dA_e, [r, K]):  P_p = dH[p] (I = r),      Q_p = drop(x)[tok_p] (J = K; HAS_DROPOUT masks)
     """
     e = tl.program_id(0)
     num_j = tl.cdiv(J, BLOCK_J)
@@ -145,7 +152,7 @@ def _grouped_wgrad_kernel(
         t_ok = pos < hi
         pair = tl.load(SORTED_PAIRS + pos, mask=t_ok, other=0)
         tok = (pair // K_SLOTS).to(tl.int64)
-        if MODE == 0:
+        if MODE == WGRAD_B:
             p = tl.load(P + tok[:, None] * I + offs_i[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
             q = tl.load(Q + pair[:, None].to(tl.int64) * J + offs_j[None, :], mask=t_ok[:, None] & j_ok[None, :],
                         other=0.0)

@@ -211,6 +211,13 @@ def _dhg_kernel(
     tl.store(DG + offs_m[:, None] * E + e_blk[None, :], dot_r * s_blk[None, :], mask=m_ok[:, None] & e_ok[None, :])
 
 
+# What q is in _tn_gemm_kernel, the second operand of a weight gradient; the launchers wgrad_A and wgrad_B of
+# routed_lora_triton.py pick them, so no caller passes a bare number.
+Q_PLAIN = tl.constexpr(0)  # q = Q[t, j]                                  dA without dropout
+Q_DROPOUT = tl.constexpr(1)  # q = drop(Q)[t, j], mask from the seed       dA with dropout
+Q_GATED = tl.constexpr(2)  # q = Q[t, j] * s_e g[t // seq_len, e]          dB: Hg rebuilt from H on load
+
+
 @triton.jit
 def _tn_gemm_kernel(
     P, Q, GATES, SCALING, SEED, OUT,
@@ -222,8 +229,9 @@ def _tn_gemm_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """out[i, j] = sum_t P[t, i] * q(t, j), the weight gradients (reductions over tokens):
-        dA_cat [C, K] = dH^T drop(x)   Q_MODE = 1: q = drop(x)[t, j] (mask regenerated from the seed)
-        dB_cat [N, C] = dY^T Hg        Q_MODE = 2: q = H[t, j] * s_e g[t // seq_len, e], e = j // r
+        dA_cat [C, K] = dH^T drop(x)   Q_MODE = Q_DROPOUT: q = drop(x)[t, j] (mask regenerated from the seed),
+                                       or Q_PLAIN without dropout
+        dB_cat [N, C] = dY^T Hg        Q_MODE = Q_GATED: q = H[t, j] * s_e g[t // seq_len, e], e = j // r
     Split over T into SPLIT_T chunks: each writes fp32 partials OUT[split] (summed in a fixed order by the
     launcher: deterministic), or, with ATOMIC, adds into one fp32 buffer (faster, order not fixed).
     """
@@ -237,9 +245,9 @@ def _tn_gemm_kernel(
     t_chunk = tl.cdiv(tl.cdiv(T, BLOCK_T), SPLIT_T) * BLOCK_T
     t_begin = pid_s * t_chunk
     t_end = tl.minimum(t_begin + t_chunk, T)
-    if Q_MODE == 1:
+    if Q_MODE == Q_DROPOUT:
         seed = tl.load(SEED)
-    if Q_MODE == 2:
+    if Q_MODE == Q_GATED:
         e_j = offs_j // R
         s_j = tl.load(SCALING + e_j, mask=j_ok, other=0.0)
     acc = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float32)
@@ -250,10 +258,10 @@ def _tn_gemm_kernel(
                     other=0.0)  # [BT, BI]
         q_mask = t_ok[:, None] & j_ok[None, :]
         q = tl.load(Q + offs_t[:, None] * s_qt + offs_j[None, :] * s_qj, mask=q_mask, other=0.0)  # [BT, BJ]
-        if Q_MODE == 1:
+        if Q_MODE == Q_DROPOUT:
             keep = _dropout_keep(seed, offs_t[:, None].to(tl.int64) * J + offs_j[None, :], dropout_p)
             q = tl.where(keep, q * dropout_scale, 0.0).to(Q.dtype.element_ty)
-        if Q_MODE == 2:
+        if Q_MODE == Q_GATED:
             g = tl.load(GATES + (offs_t // SEQ_LEN)[:, None] * E + e_j[None, :], mask=q_mask, other=0.0)
             q = (q.to(tl.float32) * (g * s_j[None, :])).to(Q.dtype.element_ty)
         acc = _mma(tl.trans(p), q, acc, DOT_PRECISION, UPCAST)
