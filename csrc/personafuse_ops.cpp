@@ -333,28 +333,28 @@ void check_routing_weights(const at::Tensor& w_pair, const at::Tensor& scaling, 
               ref.device());
 }
 
-// mode 0: (H, Hg) [P, r] from X = x [T, K], M = lora_A [E, r, K]; mode 1: (dH [P, r], dw [P] float32) from
-// X = dy [T, N], M = lora_B [E, N, r] and H.
-std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor& X, const at::Tensor& M,
+// kPairShrink: (H, Hg) [P, r] from X = x [T, K], M = lora_A [E, r, K]; kPairDhg: (dH [P, r], dw [P] float32)
+// from X = dy [T, N], M = lora_B [E, N, r] and H. Behind topk_pair_shrink and topk_pair_dhg.
+std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int mode, const at::Tensor& X, const at::Tensor& M,
                                                   const at::Tensor& w_pair, const at::Tensor& scaling,
                                                   const at::Tensor& seed, const c10::optional<at::Tensor>& H,
                                                   const at::Tensor& sorted_pairs, const at::Tensor& group_start,
                                                   const at::Tensor& block_group, const at::Tensor& block_start,
                                                   int64_t block_m, int64_t k, double dropout_p) {
-  TORCH_CHECK(mode == 0 || mode == 1, "topk_pair_gemm: mode must be 0 or 1, got ", mode);
+  const char* op = mode == kPairShrink ? "topk_pair_shrink" : "topk_pair_dhg";
   PFK_CHECK_INPUT(X);
   PFK_CHECK_INPUT(M);
   PFK_CHECK_DIM(X, 2);
   PFK_CHECK_DIM(M, 3);
   const int64_t T = X.size(0), L = X.size(1), E = M.size(0), P = T * k;
-  const int64_t r = mode == 0 ? M.size(1) : M.size(2);
-  if (mode == 0) {
+  const int64_t r = mode == kPairShrink ? M.size(1) : M.size(2);
+  if (mode == kPairShrink) {
     PFK_CHECK_SHAPE(M, E, r, L);
   } else {
     PFK_CHECK_SHAPE(M, E, L, r);
   }
-  check_rank(r, "topk_pair_gemm");
-  check_low_precision_operands(X, {&M}, "topk_pair_gemm");
+  check_rank(r, op);
+  check_low_precision_operands(X, {&M}, op);
   check_routing_weights(w_pair, scaling, X, P, E);
   const RoutingArgs rt = routing_args(X, sorted_pairs, group_start, &block_group, &block_start, block_m, k, P, E);
   const c10::cuda::CUDAGuard guard(X.device());
@@ -375,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor
                  0.f,
                  rt};
   at::Tensor first, second;
-  if (mode == 0) {
+  if (mode == kPairShrink) {
     a.seed = seed_ptr(seed, X, dropout_p);
     a.dropout_p = static_cast<float>(dropout_p);
     first = at::empty({P, r}, X.options());
@@ -383,10 +383,10 @@ std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor
     a.out_H = first.data_ptr();
     a.out = second.data_ptr();
   } else {
-    TORCH_CHECK(H.has_value(), "topk_pair_gemm mode 1 needs H");
+    TORCH_CHECK(H.has_value(), "topk_pair_dhg needs H");
     PFK_CHECK_INPUT((*H));
     PFK_CHECK_SHAPE((*H), P, r);
-    check_low_precision_operands(X, {&*H}, "topk_pair_gemm");
+    check_low_precision_operands(X, {&*H}, op);
     a.H = H->data_ptr();
     first = at::empty({P, r}, X.options());
     second = at::empty({P}, w_pair.options());
@@ -394,16 +394,16 @@ std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int64_t mode, const at::Tensor
     a.dw = second.data_ptr<float>();
   }
   const cudaError_t err = launch_topk_pair_gemm(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "personafuse topk_pair_gemm launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
   return {first, second};
 }
 
-// out [T, n_out] += the grouped expand: mode 0 Hg B_e^T (M = lora_B [E, N, r]); mode 1 drop'(dH A_e)
-// (M = lora_A [E, r, K]).
-void topk_expand_(at::Tensor& out, int64_t mode, const at::Tensor& X2, const at::Tensor& M, const at::Tensor& seed,
-                  const at::Tensor& sorted_pairs, const at::Tensor& group_start, const at::Tensor& block_group,
-                  const at::Tensor& block_start, int64_t block_m, int64_t k, double dropout_p) {
-  TORCH_CHECK(mode == 0 || mode == 1, "topk_expand_: mode must be 0 or 1, got ", mode);
+// out [T, n_out] += the grouped expand: kExpandY Hg B_e^T (M = lora_B [E, N, r]); kExpandDx drop'(dH A_e)
+// (M = lora_A [E, r, K]). Behind topk_expand_y_ and topk_expand_dx_.
+void topk_expand(at::Tensor& out, int mode, const at::Tensor& X2, const at::Tensor& M, const at::Tensor& seed,
+                 const at::Tensor& sorted_pairs, const at::Tensor& group_start, const at::Tensor& block_group,
+                 const at::Tensor& block_start, int64_t block_m, int64_t k, double dropout_p) {
+  const char* op = mode == kExpandY ? "topk_expand_y_" : "topk_expand_dx_";
   PFK_CHECK_INPUT(out);
   PFK_CHECK_INPUT(X2);
   PFK_CHECK_INPUT(M);
@@ -411,14 +411,14 @@ void topk_expand_(at::Tensor& out, int64_t mode, const at::Tensor& X2, const at:
   PFK_CHECK_DIM(X2, 2);
   PFK_CHECK_DIM(M, 3);
   const int64_t T = out.size(0), n_out = out.size(1), E = M.size(0), r = X2.size(1);
-  if (mode == 0) {
+  if (mode == kExpandY) {
     PFK_CHECK_SHAPE(M, E, n_out, r);
   } else {
     PFK_CHECK_SHAPE(M, E, r, n_out);
   }
   PFK_CHECK_SHAPE(X2, T * k, r);
-  check_rank(r, "topk_expand_");
-  check_low_precision_operands(out, {&X2, &M}, "topk_expand_");
+  check_rank(r, op);
+  check_low_precision_operands(out, {&X2, &M}, op);
   const RoutingArgs rt = routing_args(out, sorted_pairs, group_start, &block_group, &block_start, block_m, k, T * k, E);
   const c10::cuda::CUDAGuard guard(out.device());
   const TopkExpandArgs a{to_dtype(out, "out"),
@@ -426,52 +426,100 @@ void topk_expand_(at::Tensor& out, int64_t mode, const at::Tensor& X2, const at:
                          X2.data_ptr(),
                          M.data_ptr(),
                          out.data_ptr(),
-                         mode == 1 ? seed_ptr(seed, out, dropout_p) : nullptr,
+                         mode == kExpandDx ? seed_ptr(seed, out, dropout_p) : nullptr,
                          n_out,
                          static_cast<int>(E),
                          static_cast<int>(r),
-                         mode == 1 ? static_cast<float>(dropout_p) : 0.f,
+                         mode == kExpandDx ? static_cast<float>(dropout_p) : 0.f,
                          rt};
   const cudaError_t err = launch_topk_expand(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "personafuse topk_expand_ launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
 }
 
-// mode 0: dB [E, N, r] from P = dy [T, N], Q = H [T * k, r]; mode 1: dA [E, r, K] from P = dH [T * k, r], Q = x [T, K].
-at::Tensor topk_wgrad(int64_t mode, const at::Tensor& P, const at::Tensor& Q, const at::Tensor& w_pair,
+// kWgradB: dB [E, N, r] from P = dy [T, N], Q = H [T * k, r]; kWgradA: dA [E, r, K] from P = dH [T * k, r],
+// Q = x [T, K]. Behind topk_wgrad_B and topk_wgrad_A.
+at::Tensor topk_wgrad(int mode, const at::Tensor& P, const at::Tensor& Q, const at::Tensor& w_pair,
                       const at::Tensor& scaling, const at::Tensor& seed, const at::Tensor& sorted_pairs,
                       const at::Tensor& group_start, int64_t num_experts, int64_t k, double dropout_p) {
-  TORCH_CHECK(mode == 0 || mode == 1, "topk_wgrad: mode must be 0 or 1, got ", mode);
+  const char* op = mode == kWgradB ? "topk_wgrad_B" : "topk_wgrad_A";
   PFK_CHECK_INPUT(P);
   PFK_CHECK_INPUT(Q);
   PFK_CHECK_DIM(P, 2);
   PFK_CHECK_DIM(Q, 2);
-  const at::Tensor& tokens = mode == 0 ? P : Q;  // [T, width]
-  const at::Tensor& pairs = mode == 0 ? Q : P;   // [T * k, r]
+  const at::Tensor& tokens = mode == kWgradB ? P : Q;  // [T, width]
+  const at::Tensor& pairs = mode == kWgradB ? Q : P;   // [T * k, r]
   const int64_t T = tokens.size(0), width = tokens.size(1), r = pairs.size(1), E = num_experts;
   PFK_CHECK_SHAPE(pairs, T * k, r);
   TORCH_CHECK(E >= 1, "num_experts must be >= 1, got ", E);
-  check_rank(r, "topk_wgrad");
-  check_low_precision_operands(P, {&Q}, "topk_wgrad");
+  check_rank(r, op);
+  check_low_precision_operands(P, {&Q}, op);
   check_routing_weights(w_pair, scaling, P, T * k, E);
   const RoutingArgs rt = routing_args(P, sorted_pairs, group_start, nullptr, nullptr, 0, k, T * k, E);
   const c10::cuda::CUDAGuard guard(P.device());
-  at::Tensor out = mode == 0 ? at::empty({E, width, r}, P.options()) : at::empty({E, r, width}, P.options());
+  at::Tensor out = mode == kWgradB ? at::empty({E, width, r}, P.options()) : at::empty({E, r, width}, P.options());
   const TopkWgradArgs a{to_dtype(P, "P"),
                         static_cast<int>(mode),
                         P.data_ptr(),
                         Q.data_ptr(),
                         w_pair.data_ptr<float>(),
                         scaling.data_ptr<float>(),
-                        mode == 1 ? seed_ptr(seed, P, dropout_p) : nullptr,
+                        mode == kWgradA ? seed_ptr(seed, P, dropout_p) : nullptr,
                         out.data_ptr(),
                         width,
                         static_cast<int>(E),
                         static_cast<int>(r),
-                        mode == 1 ? static_cast<float>(dropout_p) : 0.f,
+                        mode == kWgradA ? static_cast<float>(dropout_p) : 0.f,
                         rt};
   const cudaError_t err = launch_topk_wgrad(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "personafuse topk_wgrad launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
   return out;
+}
+
+// The registered ops, one per variant (none is chosen by an integer mode). Shapes as above.
+std::tuple<at::Tensor, at::Tensor> topk_pair_shrink(const at::Tensor& x, const at::Tensor& lora_A,
+                                                    const at::Tensor& w_pair, const at::Tensor& scaling,
+                                                    const at::Tensor& seed, const at::Tensor& sorted_pairs,
+                                                    const at::Tensor& group_start, const at::Tensor& block_group,
+                                                    const at::Tensor& block_start, int64_t block_m, int64_t k,
+                                                    double dropout_p) {
+  return topk_pair_gemm(kPairShrink, x, lora_A, w_pair, scaling, seed, c10::nullopt, sorted_pairs, group_start,
+                        block_group, block_start, block_m, k, dropout_p);
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_pair_dhg(const at::Tensor& dy, const at::Tensor& lora_B,
+                                                 const at::Tensor& w_pair, const at::Tensor& scaling,
+                                                 const at::Tensor& H, const at::Tensor& sorted_pairs,
+                                                 const at::Tensor& group_start, const at::Tensor& block_group,
+                                                 const at::Tensor& block_start, int64_t block_m, int64_t k) {
+  const at::Tensor no_seed;
+  return topk_pair_gemm(kPairDhg, dy, lora_B, w_pair, scaling, no_seed, H, sorted_pairs, group_start, block_group,
+                        block_start, block_m, k, 0.0);
+}
+
+void topk_expand_y_(at::Tensor& y, const at::Tensor& Hg, const at::Tensor& lora_B, const at::Tensor& sorted_pairs,
+                    const at::Tensor& group_start, const at::Tensor& block_group, const at::Tensor& block_start,
+                    int64_t block_m, int64_t k) {
+  const at::Tensor no_seed;
+  topk_expand(y, kExpandY, Hg, lora_B, no_seed, sorted_pairs, group_start, block_group, block_start, block_m, k, 0.0);
+}
+
+void topk_expand_dx_(at::Tensor& dx, const at::Tensor& dH, const at::Tensor& lora_A, const at::Tensor& seed,
+                     const at::Tensor& sorted_pairs, const at::Tensor& group_start, const at::Tensor& block_group,
+                     const at::Tensor& block_start, int64_t block_m, int64_t k, double dropout_p) {
+  topk_expand(dx, kExpandDx, dH, lora_A, seed, sorted_pairs, group_start, block_group, block_start, block_m, k,
+              dropout_p);
+}
+
+at::Tensor topk_wgrad_B(const at::Tensor& dy, const at::Tensor& H, const at::Tensor& w_pair, const at::Tensor& scaling,
+                        const at::Tensor& sorted_pairs, const at::Tensor& group_start, int64_t num_experts, int64_t k) {
+  const at::Tensor no_seed;
+  return topk_wgrad(kWgradB, dy, H, w_pair, scaling, no_seed, sorted_pairs, group_start, num_experts, k, 0.0);
+}
+
+at::Tensor topk_wgrad_A(const at::Tensor& dH, const at::Tensor& x, const at::Tensor& w_pair, const at::Tensor& scaling,
+                        const at::Tensor& seed, const at::Tensor& sorted_pairs, const at::Tensor& group_start,
+                        int64_t num_experts, int64_t k, double dropout_p) {
+  return topk_wgrad(kWgradA, dH, x, w_pair, scaling, seed, sorted_pairs, group_start, num_experts, k, dropout_p);
 }
 
 }  // namespace
@@ -488,14 +536,23 @@ PFK_TORCH_LIBRARY(PFK_LIBRARY, m) {
       "float dropout_p) -> (Tensor, Tensor)");
   m.def("lora_dhg(Tensor dy, Tensor lora_B, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
   m.def(
-      "topk_pair_gemm(int mode, Tensor X, Tensor M, Tensor w_pair, Tensor scaling, Tensor seed, Tensor? H, "
-      "Tensor sorted_pairs, Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, "
-      "float dropout_p) -> (Tensor, Tensor)");
+      "topk_pair_shrink(Tensor x, Tensor lora_A, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
+      "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, float dropout_p) "
+      "-> (Tensor, Tensor)");
   m.def(
-      "topk_expand_(Tensor(a!) out, int mode, Tensor X2, Tensor M, Tensor seed, Tensor sorted_pairs, "
+      "topk_pair_dhg(Tensor dy, Tensor lora_B, Tensor w_pair, Tensor scaling, Tensor H, Tensor sorted_pairs, "
+      "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k) -> (Tensor, Tensor)");
+  m.def(
+      "topk_expand_y_(Tensor(a!) y, Tensor Hg, Tensor lora_B, Tensor sorted_pairs, Tensor group_start, "
+      "Tensor block_group, Tensor block_start, int block_m, int k) -> ()");
+  m.def(
+      "topk_expand_dx_(Tensor(a!) dx, Tensor dH, Tensor lora_A, Tensor seed, Tensor sorted_pairs, "
       "Tensor group_start, Tensor block_group, Tensor block_start, int block_m, int k, float dropout_p) -> ()");
   m.def(
-      "topk_wgrad(int mode, Tensor P, Tensor Q, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
+      "topk_wgrad_B(Tensor dy, Tensor H, Tensor w_pair, Tensor scaling, Tensor sorted_pairs, Tensor group_start, "
+      "int num_experts, int k) -> Tensor");
+  m.def(
+      "topk_wgrad_A(Tensor dH, Tensor x, Tensor w_pair, Tensor scaling, Tensor seed, Tensor sorted_pairs, "
       "Tensor group_start, int num_experts, int k, float dropout_p) -> Tensor");
 }
 
@@ -505,9 +562,12 @@ PFK_TORCH_LIBRARY_IMPL(PFK_LIBRARY, PFK_DISPATCH_KEY, m) {
   m.impl("lora_decode_", &personafuse::lora_decode_);
   m.impl("lora_shrink", &personafuse::lora_shrink);
   m.impl("lora_dhg", &personafuse::lora_dhg);
-  m.impl("topk_pair_gemm", &personafuse::topk_pair_gemm);
-  m.impl("topk_expand_", &personafuse::topk_expand_);
-  m.impl("topk_wgrad", &personafuse::topk_wgrad);
+  m.impl("topk_pair_shrink", &personafuse::topk_pair_shrink);
+  m.impl("topk_pair_dhg", &personafuse::topk_pair_dhg);
+  m.impl("topk_expand_y_", &personafuse::topk_expand_y_);
+  m.impl("topk_expand_dx_", &personafuse::topk_expand_dx_);
+  m.impl("topk_wgrad_B", &personafuse::topk_wgrad_B);
+  m.impl("topk_wgrad_A", &personafuse::topk_wgrad_A);
 }
 
 // A Python module with no functions: importing personafuse_kernels._C loads the library and runs the

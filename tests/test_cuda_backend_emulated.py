@@ -129,14 +129,14 @@ def test_emulated_ops_reject_bad_input(emulated_ops):
     meta = build_routing_metadata(idx, 2, 16)
     w = torch.rand(16)
     with pytest.raises(RuntimeError, match="int32"):
-        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs.long(), meta.group_start,
-                                    meta.block_group, meta.block_start, 16, 2, 0.0)
+        emulated_ops.topk_pair_shrink(x, A, w, s, seed, meta.sorted_pairs.long(), meta.group_start,
+                                      meta.block_group, meta.block_start, 16, 2, 0.0)
     with pytest.raises(RuntimeError, match="block_m"):
-        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs, meta.group_start,
-                                    meta.block_group, meta.block_start, 128, 2, 0.0)
+        emulated_ops.topk_pair_shrink(x, A, w, s, seed, meta.sorted_pairs, meta.group_start,
+                                      meta.block_group, meta.block_start, 128, 2, 0.0)
     with pytest.raises(RuntimeError, match="T \\* k"):
-        emulated_ops.topk_pair_gemm(0, x, A, w, s, seed, None, meta.sorted_pairs[:-1].contiguous(),
-                                    meta.group_start, meta.block_group, meta.block_start, 16, 2, 0.0)
+        emulated_ops.topk_pair_shrink(x, A, w, s, seed, meta.sorted_pairs[:-1].contiguous(),
+                                      meta.group_start, meta.block_group, meta.block_start, 16, 2, 0.0)
 
 
 @pytest.fixture

@@ -21,6 +21,15 @@ struct RoutingArgs {
   int k;
 };
 
+// The variants of each grouped kernel, named: the `mode` of the argument structs below is one of these (the ops
+// personafuse_ops.cpp registers are one per variant, never chosen by a number).
+constexpr int kPairShrink = 0;  // forward: H[p] and Hg[p]
+constexpr int kPairDhg = 1;     // backward: dH[p] and dw[p]
+constexpr int kExpandY = 0;     // y += Hg B_e^T
+constexpr int kExpandDx = 1;    // dx += drop'(dH A_e)
+constexpr int kWgradB = 0;      // dB_e [N, r]
+constexpr int kWgradA = 1;      // dA_e [r, K]
+
 // Per pair, over the long dimension L: mode 0 (forward shrink) H[p] = drop(x)[tok] A_e^T, Hg[p] = H[p] w_p s_e;
 // mode 1 (backward) dHg = dy[tok] B_e, dH[p] = dHg w_p s_e, dw[p] = s_e <dHg, H[p]>.
 struct TopkPairArgs {

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1)
   const int cols = static_cast<int>(n_out - n0 < kTileN ? n_out - n0 : kTileN);
   const GatheredRows pairs{arr.pairs, blk.rows};
 
-  if constexpr (MODE == 0) {
+  if constexpr (MODE == kExpandY) {
     const T* B_e = M + static_cast<int64_t>(blk.expert) * n_out * r;  // [N, r]: column n of the operand is row n
     tile_mma<T, kTileN, wmma::row_major, wmma::col_major>(r, smem, [&](int64_t k0, T* As, T* Bs) {
       load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, k0, As, vec_x2);
@@ -50,12 +50,12 @@ __global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1)
   }
 
   const float* Cs = reinterpret_cast<const float*>(smem);
-  const uint64_t s = (MODE == 1 && p > 0.f) ? static_cast<uint64_t>(*seed) : 0;
+  const uint64_t s = (MODE == kExpandDx && p > 0.f) ? static_cast<uint64_t>(*seed) : 0;
   for (int i = threadIdx.x; i < blk.rows * cols; i += Tile::kThreads) {
     const int row = i / cols, col = i - row * cols;
     const int64_t at = static_cast<int64_t>(arr.toks[row]) * n_out + n0 + col;
     float v = Cs[row * Tile::LDC + col];
-    if (MODE == 1 && p > 0.f) v = philox_uniform(s, static_cast<uint64_t>(at)) >= p ? v * scale : 0.f;
+    if (MODE == kExpandDx && p > 0.f) v = philox_uniform(s, static_cast<uint64_t>(at)) >= p ? v * scale : 0.f;
     out[at] = from_float<T>(to_float(out[at]) + v);
   }
 }
@@ -65,7 +65,7 @@ cudaError_t launch_mode(const TopkExpandArgs& a, cudaStream_t stream) {
   using Tile = MmaTile<kTileN>;
   const bool vec_x2 = a.r % 8 == 0 && aligned16(a.X2) && aligned16(a.M);
   const bool vec_m = a.n_out % 8 == 0 && aligned16(a.M);
-  const float p = MODE == 1 ? a.dropout_p : 0.f;
+  const float p = MODE == kExpandDx ? a.dropout_p : 0.f;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
   const int64_t col_tiles = (a.n_out + kTileN - 1) / kTileN;
   const dim3 grid(static_cast<unsigned>(a.route.num_blocks * col_tiles));
@@ -84,11 +84,12 @@ cudaError_t launch_mode(const TopkExpandArgs& a, cudaStream_t stream) {
 cudaError_t launch_topk_expand(const TopkExpandArgs& args, cudaStream_t stream) {
   if (args.route.num_blocks == 0 || args.n_out == 0) return cudaSuccess;
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.route.block_m < 1 || args.route.block_m > kMaxBlockPairs ||
-      args.route.k < 1 || (args.mode != 0 && args.mode != 1) || !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
+      args.route.k < 1 || (args.mode != kExpandY && args.mode != kExpandDx) ||
+      !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
   return dispatch_16bit(args.dtype, [&](auto t) {
     using T = decltype(t);
-    return args.mode == 0 ? launch_mode<T, 0>(args, stream) : launch_mode<T, 1>(args, stream);
+    return args.mode == kExpandY ? launch_mode<T, kExpandY>(args, stream) : launch_mode<T, kExpandDx>(args, stream);
   });
 }
 

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
   if (blk.group < 0) return;
   const GatheredRows toks{arr.toks, blk.rows};
 
-  if constexpr (MODE == 0) {
+  if constexpr (MODE == kPairShrink) {
     LoadOps drop;
     if (p > 0.f) drop = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
     const T* A_e = M + static_cast<int64_t>(blk.expert) * r * L;  // [r, K]
@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
     const int row = i / r, col = i - row * r;
     const int64_t at = static_cast<int64_t>(arr.pairs[row]) * r + col;
     const float v = round_to<T>(Cs[row * Tile::LDC + col]);
-    if constexpr (MODE == 0) out_H[at] = from_float<T>(v);
+    if constexpr (MODE == kPairShrink) out_H[at] = from_float<T>(v);
     out[at] = from_float<T>(v * arr.coef[row]);
   }
-  if constexpr (MODE == 1) {
+  if constexpr (MODE == kPairDhg) {
     const float s_e = scaling[blk.expert];
     for (int row = threadIdx.x; row < blk.rows; row += Tile::kThreads) {
       const int64_t pair = arr.pairs[row];
@@ -71,8 +71,8 @@ template <typename T, int BN, int MODE>
 cudaError_t launch_mode(const TopkPairArgs& a, cudaStream_t stream) {
   using Tile = MmaTile<BN>;
   const bool vec_x = a.L % 8 == 0 && aligned16(a.X);
-  const bool vec_m = (MODE == 0 ? a.L % 8 == 0 : a.r % 8 == 0) && aligned16(a.M);
-  const float p = MODE == 0 ? a.dropout_p : 0.f;
+  const bool vec_m = (MODE == kPairShrink ? a.L % 8 == 0 : a.r % 8 == 0) && aligned16(a.M);
+  const float p = MODE == kPairShrink ? a.dropout_p : 0.f;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
   return launch_kernel(topk_pair_gemm_kernel<T, BN, MODE>, dim3(a.route.num_blocks), dim3(Tile::kThreads),
                        Tile::union_bytes(sizeof(T)) + PairArrays::kBytes, stream, static_cast<const T*>(a.X),
@@ -85,7 +85,7 @@ template <typename T>
 cudaError_t launch_typed(const TopkPairArgs& a, cudaStream_t stream) {
   return dispatch_tile_width(a.r, [&](auto bn) {
     constexpr int BN = decltype(bn)::value;
-    return a.mode == 0 ? launch_mode<T, BN, 0>(a, stream) : launch_mode<T, BN, 1>(a, stream);
+    return a.mode == kPairShrink ? launch_mode<T, BN, kPairShrink>(a, stream) : launch_mode<T, BN, kPairDhg>(a, stream);
   });
 }
 
@@ -94,7 +94,7 @@ cudaError_t launch_typed(const TopkPairArgs& a, cudaStream_t stream) {
 cudaError_t launch_topk_pair_gemm(const TopkPairArgs& args, cudaStream_t stream) {
   if (args.route.num_blocks == 0) return cudaSuccess;
   if (args.r < 1 || args.r > kTensorCoreMaxRank || args.L < 1 || args.route.block_m < 1 ||
-      args.route.block_m > kMaxBlockPairs || args.route.k < 1 || (args.mode != 0 && args.mode != 1) ||
+      args.route.block_m > kMaxBlockPairs || args.route.k < 1 || (args.mode != kPairShrink && args.mode != kPairDhg) ||
       !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
   return dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });

@@ -38,8 +38,8 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
   const PairArrays arr = PairArrays::at(smem, Tile::union_bytes(sizeof(T)));
   const float s_e = scaling[e];
   LoadOps q_ops;
-  if (MODE == 0) q_ops.coef = arr.coef;
-  if (MODE == 1 && p > 0.f) q_ops = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
+  if (MODE == kWgradB) q_ops.coef = arr.coef;
+  if (MODE == kWgradA && p > 0.f) q_ops = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
 
   tile_mma<T, BN, wmma::col_major, wmma::row_major>(count, smem, [&](int64_t k0, T* As, T* Bs) {
     const int valid = static_cast<int>(count - k0 < Tile::BK ? count - k0 : Tile::BK);
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
     }
     __syncthreads();
     const GatheredRows toks{arr.toks, valid}, pairs{arr.pairs, valid};
-    if constexpr (MODE == 0) {  // A = dy[tok]^T, B = H[p] w_p s_e
+    if constexpr (MODE == kWgradB) {  // A = dy[tok]^T, B = H[p] w_p s_e
       load_c_tile<T, Tile::BK, Tile::BM, Tile::LDA_COL, Tile::kThreads>(P, toks, I, i0, i_valid, As, vec_p);
       load_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(Q, pairs, J, j0, j_valid, Bs, vec_q, q_ops);
     } else {  // A = dH[p]^T, B = drop(x)[tok]
@@ -70,12 +70,12 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
 template <typename T, int BN, int MODE>
 cudaError_t launch_mode(const TopkWgradArgs& a, cudaStream_t stream) {
   using Tile = MmaTile<BN>;
-  const int64_t I = MODE == 0 ? a.width : a.r;
-  const int64_t J = MODE == 0 ? a.r : a.width;
+  const int64_t I = MODE == kWgradB ? a.width : a.r;
+  const int64_t J = MODE == kWgradB ? a.r : a.width;
   // P's rows have I columns, Q's rows J; 16-byte loads need rows of a multiple of 8 elements.
   const bool vec_p = I % 8 == 0 && aligned16(a.P);
   const bool vec_q = J % 8 == 0 && aligned16(a.Q);
-  const float p = MODE == 1 ? a.dropout_p : 0.f;
+  const float p = MODE == kWgradA ? a.dropout_p : 0.f;
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
   const int64_t tiles = (I + Tile::BM - 1) / Tile::BM * ((J + BN - 1) / BN);
   return launch_kernel(topk_wgrad_kernel<T, BN, MODE>, dim3(static_cast<unsigned>(a.E * tiles)), dim3(Tile::kThreads),
@@ -86,15 +86,15 @@ cudaError_t launch_mode(const TopkWgradArgs& a, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_typed(const TopkWgradArgs& a, cudaStream_t stream) {
-  if (a.mode == 1) return launch_mode<T, 64, 1>(a, stream);
-  return dispatch_tile_width(a.r, [&](auto bn) { return launch_mode<T, decltype(bn)::value, 0>(a, stream); });
+  if (a.mode == kWgradA) return launch_mode<T, 64, kWgradA>(a, stream);
+  return dispatch_tile_width(a.r, [&](auto bn) { return launch_mode<T, decltype(bn)::value, kWgradB>(a, stream); });
 }
 
 }  // namespace
 
 cudaError_t launch_topk_wgrad(const TopkWgradArgs& args, cudaStream_t stream) {
   if (args.E == 0 || args.width == 0) return cudaSuccess;
-  if (args.r < 1 || args.r > kTensorCoreMaxRank || args.route.k < 1 || (args.mode != 0 && args.mode != 1) ||
+  if (args.r < 1 || args.r > kTensorCoreMaxRank || args.route.k < 1 || (args.mode != kWgradB && args.mode != kWgradA) ||
       !(args.dropout_p >= 0.f && args.dropout_p < 1.f))
     return cudaErrorInvalidValue;
   return dispatch_16bit(args.dtype, [&](auto t) { return launch_typed<decltype(t)>(args, stream); });

@@ -1,11 +1,11 @@
 """The ``cuda`` backend of top-k routed LoRA: the grouped tensor-core kernels of csrc/topk/ (personafuse_kernels._C),
 same contract as routed_lora_topk_torch.py (the reference) and routed_lora_topk_triton.py.
 
-forward:  base y = x W^T + b (cuBLAS); topk_pair_gemm mode 0: H, Hg [P, r] (x rows gathered on load, dropout
-          mask regenerated from the seed, w_p s_e in the epilogue); topk_expand_ mode 0: for each slot, Hg B_e^T
+forward:  base y = x W^T + b (cuBLAS); topk_pair_shrink: H, Hg [P, r] (x rows gathered on load, dropout
+          mask regenerated from the seed, w_p s_e in the epilogue); topk_expand_y_: for each slot, Hg B_e^T
           added into its tokens' rows of y (no atomics)
-backward: topk_pair_gemm mode 1: dH [P, r] and dweights; topk_wgrad: dB_e, dA_e as per-expert reductions in a
-          fixed order; dx = dY W (cuBLAS) then topk_expand_ mode 1 adds drop'(dH A_e) per slot
+backward: topk_pair_dhg: dH [P, r] and dweights; topk_wgrad_B / topk_wgrad_A: dB_e, dA_e as per-expert
+          reductions in a fixed order; dx = dY W (cuBLAS) then topk_expand_dx_ adds drop'(dH A_e) per slot
 float32, r > 128, a pre-sm_80 GPU or PERSONAFUSE_CUDA_TENSOR_CORES=0: the dense reference path (cuBLAS GEMMs with
 zeros off the top-k).
 """
@@ -48,8 +48,8 @@ def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dr
     w_pair, s32 = _pair_weights(weights, scaling)
     x = x.contiguous()
     y = F.linear(x, weight, bias)
-    H, Hg = ops.topk_pair_gemm(0, x, lora_A.contiguous(), w_pair, s32, seed, None, *_route(meta), dropout_p)
-    ops.topk_expand_(y, 0, Hg, lora_B.contiguous(), seed, *_route(meta), 0.0)
+    H, Hg = ops.topk_pair_shrink(x, lora_A.contiguous(), w_pair, s32, seed, *_route(meta), dropout_p)
+    ops.topk_expand_y_(y, Hg, lora_B.contiguous(), *_route(meta))
     return y, H
 
 
@@ -64,15 +64,15 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, 
     E = lora_A.shape[0]
     w_pair, s32 = _pair_weights(weights, scaling)
     dy, x, lora_A, lora_B = dy.contiguous(), x.contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    dH, dw = ops.topk_pair_gemm(1, dy, lora_B, w_pair, s32, seed, H, *_route(meta), 0.0)
-    dB = ops.topk_wgrad(0, dy, H, w_pair, s32, seed, meta.sorted_pairs, meta.group_start, E, meta.k, 0.0) \
+    dH, dw = ops.topk_pair_dhg(dy, lora_B, w_pair, s32, H, *_route(meta))
+    dB = ops.topk_wgrad_B(dy, H, w_pair, s32, meta.sorted_pairs, meta.group_start, E, meta.k) \
         if need_dB else dy.new_empty(0)
-    dA = ops.topk_wgrad(1, dH, x, w_pair, s32, seed, meta.sorted_pairs, meta.group_start, E, meta.k, dropout_p) \
+    dA = ops.topk_wgrad_A(dH, x, w_pair, s32, seed, meta.sorted_pairs, meta.group_start, E, meta.k, dropout_p) \
         if need_dA else dy.new_empty(0)
     dx = dy.new_empty(0)
     if need_dx:
         dx = dy @ weight
-        ops.topk_expand_(dx, 1, dH, lora_A, seed, *_route(meta), dropout_p)
+        ops.topk_expand_dx_(dx, dH, lora_A, seed, *_route(meta), dropout_p)
     dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     dweights = dw.view(indices.shape).to(weights.dtype) if need_dw else weights.new_empty(0)
     return dx, dW, db, dA, dB, dweights
