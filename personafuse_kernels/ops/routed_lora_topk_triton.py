@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..dispatch import interpreting
 from ..routing.topk import RoutingMeta
 from ..routing.topk import block_m_for as topk_block_m
 from . import routed_lora_torch
 from . import triton_grouped_kernels as gk
-from .routed_lora_triton import _dot_args, _num_sms, _pow2, interpreting, triton_cdiv
+from .triton_utils import cdiv, dot_args, num_sms, pow2
 
 BLOCK_L = 64
 
@@ -50,7 +51,7 @@ def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: Routing
         X, M, w_pair, scaling, seed, H, out, dw, meta.block_group, meta.block_start, meta.group_start,
         meta.sorted_pairs, L, r, meta.k, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
         EPILOGUE=epilogue, HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_L=BLOCK_L,
-        R_PAD=_pow2(r, 16), **_dot_args(X.dtype), num_warps=4,
+        R_PAD=pow2(r, 16), **dot_args(X.dtype), num_warps=4,
     )
 
 
@@ -58,13 +59,13 @@ def _expand(out, X2, M, m_strides, seed, meta: RoutingMeta, r: int, dropout_p: f
     """out[tok] += d * X2[p] M_e for every slot (one launch per slot)."""
     N = out.shape[1]
     block_n = 64
-    grid = (meta.block_group.shape[0], triton_cdiv(N, block_n))
+    grid = (meta.block_group.shape[0], cdiv(N, block_n))
     for slot in range(meta.k):
         gk._grouped_expand_kernel[grid](
             X2, M, out, seed, meta.block_group, meta.block_start, meta.group_start, meta.sorted_pairs,
             N, r, meta.k, slot, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
-            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=_pow2(r, 16),
-            **_dot_args(out.dtype), num_warps=4,
+            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=pow2(r, 16),
+            **dot_args(out.dtype), num_warps=4,
         )
 
 
@@ -82,16 +83,16 @@ def expert_wgrad_A(dH, x, w_pair, scaling, seed, meta: RoutingMeta, *, E: int, r
 def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: int, r: int, mode,
            dropout_p: float):
     """[E, I, J] fp32, the kernel behind expert_wgrad_B (I = N, J = r) and expert_wgrad_A (I = r, J = K)."""
-    block_i = _pow2(I, 16, 64)
-    block_j = _pow2(J, 16, 64)
-    tiles = triton_cdiv(I, block_i) * triton_cdiv(J, block_j)
-    split = 1 if interpreting() else max(1, min(8, (2 * _num_sms(P.device)) // max(1, E * tiles)))
+    block_i = pow2(I, 16, 64)
+    block_j = pow2(J, 16, 64)
+    tiles = cdiv(I, block_i) * cdiv(J, block_j)
+    split = 1 if interpreting() else max(1, min(8, (2 * num_sms(P.device)) // max(1, E * tiles)))
     out = torch.empty(split, E, I, J, dtype=torch.float32, device=P.device)
     gk._grouped_wgrad_kernel[(E, tiles, split)](
         P, Q, w_pair, scaling, seed, out, meta.group_start, meta.sorted_pairs, I, J, r, meta.k,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), dropout_p, 1.0 / (1.0 - dropout_p),
         MODE=mode, HAS_DROPOUT=mode == gk.WGRAD_A.value and dropout_p > 0.0, SPLIT=split, BLOCK_I=block_i,
-        BLOCK_J=block_j, BLOCK_T=32, **_dot_args(P.dtype), num_warps=4,
+        BLOCK_J=block_j, BLOCK_T=32, **dot_args(P.dtype), num_warps=4,
     )
     return out.sum(0) if split > 1 else out[0]
 

@@ -32,13 +32,10 @@ import torch.nn.functional as F
 from ..dispatch import interpreting, token_bucket
 from . import routed_lora_torch
 from . import triton_kernels as tk
+from .triton_utils import cdiv, check_dot_tiles, dot_args, num_sms, pow2
 
 TUNED_DIR = Path(__file__).with_name("triton_configs")
 SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
-
-
-def _pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
-    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
 
 
 @dataclass(frozen=True)
@@ -82,15 +79,15 @@ def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpre
     streaming W once) and split-K for the shrink so A is read by many SMs.
     """
     small = t_bucket <= SMALL_T
-    c_blk = _pow2(C, 16, 64 if small else 128)
+    c_blk = pow2(C, 16, 64 if small else 128)
     if interpret:  # few, large programs: the interpreter's cost is per program and per op
-        cfg = Config(shrink_m=64, shrink_c=_pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
-                     gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=_pow2(C, 16, 64), group_m=4, fuse_base=True,
+        cfg = Config(shrink_m=64, shrink_c=pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
+                     gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=pow2(C, 16, 64), group_m=4, fuse_base=True,
                      tma=False, warp_specialize=False, num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64,
                      tn_j=64, tn_t=64)
     elif small:
         cfg = Config(shrink_m=16, shrink_c=c_blk, shrink_k=128, split_k=max(1, min(16, K // 512)),
-                     gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=_pow2(C, 16, 64), group_m=1, fuse_base=True,
+                     gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=pow2(C, 16, 64), group_m=1, fuse_base=True,
                      tma=False, warp_specialize=False, num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64,
                      tn_j=64, tn_t=64)
     else:
@@ -110,35 +107,12 @@ def _config_for(x: torch.Tensor, K: int, N: int, C: int) -> Config:
     return get_config(token_bucket(x.shape[0]), K, N, C, name, interpret)
 
 
-def _dot_args(dtype: torch.dtype) -> dict:
-    """DOT_PRECISION: fp32 inputs follow torch's matmul setting (tf32 only when torch allows it); 16-bit
-    inputs ignore it. UPCAST: bf16 dot operands go to fp32 under the interpreter only (see _mma)."""
-    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    return {"DOT_PRECISION": "tf32" if tf32 else "ieee", "UPCAST": interpreting() and dtype == torch.bfloat16}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _split_t(T: int, tiles: int, block_t: int, device: torch.device) -> int:
     """Chunks of T for the weight-gradient reductions: enough programs for about two waves of SMs."""
     if interpreting():
-        return min(2, triton_cdiv(T, block_t))
-    want = max(1, (2 * _num_sms(device)) // max(tiles, 1))
-    return max(1, min(want, triton_cdiv(T, 4 * block_t)))
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _dot_tiles(*dims: int) -> None:
-    """tl.dot on a GPU needs every tile dim >= 16; the interpreter would accept less, so check it here too."""
-    if min(dims) < 16:
-        raise AssertionError(f"tl.dot tile dims must be >= 16, got {dims}")
+        return min(2, cdiv(T, block_t))
+    want = max(1, (2 * num_sms(device)) // max(tiles, 1))
+    return max(1, min(want, cdiv(T, 4 * block_t)))
 
 
 def _atomic_reduce() -> bool:
@@ -155,18 +129,18 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     if T == 0:
         return H, Hg
     split = cfg.split_k if T <= SMALL_T else 1
-    split = max(1, min(split, triton_cdiv(K, cfg.shrink_k)))
+    split = max(1, min(split, cdiv(K, cfg.shrink_k)))
     partial = x.new_empty((split, T, C), dtype=torch.float32) if split > 1 else H
     scale = 1.0 / (1.0 - dropout_p)
-    grid = (triton_cdiv(T, cfg.shrink_m), triton_cdiv(C, cfg.shrink_c), split)
-    _dot_tiles(cfg.shrink_m, cfg.shrink_c, cfg.shrink_k)
+    grid = (cdiv(T, cfg.shrink_m), cdiv(C, cfg.shrink_c), split)
+    check_dot_tiles(cfg.shrink_m, cfg.shrink_c, cfg.shrink_k)
     tk._shrink_kernel[grid](
         x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
         HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.shrink_m, BLOCK_C=cfg.shrink_c,
-        BLOCK_K=cfg.shrink_k, **_dot_args(x.dtype), num_warps=cfg.num_warps,
+        BLOCK_K=cfg.shrink_k, **dot_args(x.dtype), num_warps=cfg.num_warps,
     )
     if split > 1:
-        tk._shrink_finalize_kernel[(triton_cdiv(T, cfg.shrink_m), triton_cdiv(C, cfg.shrink_c))](
+        tk._shrink_finalize_kernel[(cdiv(T, cfg.shrink_m), cdiv(C, cfg.shrink_c))](
             partial, gates, scaling, H, Hg, T, C, r, E, seq_len, SPLIT_K=split, BLOCK_M=cfg.shrink_m,
             BLOCK_C=cfg.shrink_c, num_warps=cfg.num_warps,
         )
@@ -214,9 +188,9 @@ def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config
     if not cfg.tma or cfg in TMA_FALLBACKS or not _tma_ok(out, x1, m1, x2, m2):
         return False
     M, N = out.shape
-    num_sms = _num_sms(out.device)
-    grid = (min(num_sms, triton_cdiv(M, cfg.gemm_m) * triton_cdiv(N, cfg.gemm_n)),)
-    _dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
+    sms = num_sms(out.device)
+    grid = (min(sms, cdiv(M, cfg.gemm_m) * cdiv(N, cfg.gemm_n)),)
+    check_dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
     if not interpreting():
         _set_tma_allocator()
     try:
@@ -225,8 +199,8 @@ def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config
             dropout_p, 1.0 / (1.0 - dropout_p),
             M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2,
             BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
-            NUM_SMS=num_sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
-            **_dot_args(out.dtype), num_warps=cfg.num_warps,
+            NUM_SMS=sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
+            **dot_args(out.dtype), num_warps=cfg.num_warps,
         )
     except Exception as exc:
         if not _is_compile_failure(exc):
@@ -250,8 +224,8 @@ def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, d
         return out
     s_m1k, s_m1n = m1_strides
     s_m2e, s_m2j, s_m2n = m2_strides
-    grid = (triton_cdiv(M, cfg.gemm_m) * triton_cdiv(N, cfg.gemm_n),)
-    _dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
+    grid = (cdiv(M, cfg.gemm_m) * cdiv(N, cfg.gemm_n),)
+    check_dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
     tk._dual_gemm_kernel[grid](
         x1, m1, x2, m2, bias if bias is not None else out, out, seed,
         M, N, K1, K2, R,
@@ -261,7 +235,7 @@ def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, d
         dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
         BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
-        **_dot_args(out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **dot_args(out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -317,16 +291,16 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
     dg_tok = torch.empty(T, E, dtype=torch.float32, device=dy.device)
     if T == 0:
         return dH, dg_tok
-    r_pad = _pow2(r)
+    r_pad = pow2(r)
     # whole experts per tile, about 64 columns, never fewer than 16 (tl.dot), masked past E
-    experts_per_block = max(min(_pow2(E), max(1, 64 // r_pad)), triton_cdiv(16, r_pad))
-    grid = (triton_cdiv(T, cfg.dhg_m), triton_cdiv(E, experts_per_block))
-    _dot_tiles(cfg.dhg_m, cfg.dhg_n, experts_per_block * r_pad)
+    experts_per_block = max(min(pow2(E), max(1, 64 // r_pad)), cdiv(16, r_pad))
+    grid = (cdiv(T, cfg.dhg_m), cdiv(E, experts_per_block))
+    check_dot_tiles(cfg.dhg_m, cfg.dhg_n, experts_per_block * r_pad)
     tk._dhg_kernel[grid](
         dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
         BLOCK_M=cfg.dhg_m, BLOCK_N=cfg.dhg_n, EXPERTS_PER_BLOCK=experts_per_block, R_PAD=r_pad,
-        **_dot_args(dy.dtype), num_warps=cfg.num_warps,
+        **dot_args(dy.dtype), num_warps=cfg.num_warps,
     )
     return dH, dg_tok
 
@@ -347,7 +321,7 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
              cfg: Config):
     """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J], q as q_mode says (triton_kernels.Q_*)."""
     T = p.shape[0]
-    tiles = triton_cdiv(I, cfg.tn_i) * triton_cdiv(J, cfg.tn_j)
+    tiles = cdiv(I, cfg.tn_i) * cdiv(J, cfg.tn_j)
     atomic = _atomic_reduce()
     split = 1 if T == 0 else _split_t(T, tiles, cfg.tn_t, p.device)
     if atomic or split == 1:
@@ -357,14 +331,14 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
     if T == 0:
         return out
     E = gates.shape[1]
-    _dot_tiles(cfg.tn_i, cfg.tn_j, cfg.tn_t)
-    tk._tn_gemm_kernel[(triton_cdiv(I, cfg.tn_i), triton_cdiv(J, cfg.tn_j), split)](
+    check_dot_tiles(cfg.tn_i, cfg.tn_j, cfg.tn_t)
+    tk._tn_gemm_kernel[(cdiv(I, cfg.tn_i), cdiv(J, cfg.tn_j), split)](
         p, q, gates, scaling, seed, out, T, I, J, r, E, seq_len,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         out.stride(0) if out.dim() == 3 else 0, out.stride(-2), out.stride(-1),
         dropout_p, 1.0 / (1.0 - dropout_p),
         Q_MODE=q_mode, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.tn_i, BLOCK_J=cfg.tn_j, BLOCK_T=cfg.tn_t,
-        **_dot_args(p.dtype), num_warps=cfg.num_warps,
+        **dot_args(p.dtype), num_warps=cfg.num_warps,
     )
     return out.sum(0) if out.dim() == 3 else out
 

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .routed_lora_triton import _dot_args, _pow2, triton_cdiv
 from .triton_kernels import _mma
+from .triton_utils import cdiv, dot_args, pow2
 
 
 @triton.jit
@@ -115,11 +115,11 @@ def topk_router_dlogits(probs, idx, wts, dwts, dprobs, dlse, temperature: float)
         return dlogits
     block_m = 32
     dwts = torch.zeros_like(wts) if dwts is None else dwts.float().contiguous()
-    _topk_router_bwd_kernel[(triton_cdiv(T, block_m),)](
+    _topk_router_bwd_kernel[(cdiv(T, block_m),)](
         probs, idx, wts, dwts, probs if dprobs is None else dprobs.float().contiguous(),
         probs if dlse is None else dlse.float().contiguous(), dlogits, T, E, 1.0 / temperature,
         TOP_K=k, HAS_DPROBS=dprobs is not None, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
-        BLOCK_E=_pow2(E, 16), num_warps=4,
+        BLOCK_E=pow2(E, 16), num_warps=4,
     )
     return dlogits
 
@@ -137,9 +137,9 @@ def topk_router_forward(x, weight, bias, temperature: float, top_k: int):
     if T == 0:
         return probs, lse, idx, wts
     block_m = 32
-    _topk_router_fwd_kernel[(triton_cdiv(T, block_m),)](
+    _topk_router_fwd_kernel[(cdiv(T, block_m),)](
         x, weight, bias, probs, lse, idx, wts, T, K, E, 1.0 / temperature, TOP_K=top_k, BLOCK_M=block_m,
-        BLOCK_E=_pow2(E, 16), BLOCK_K=64, **_dot_args(x.dtype), num_warps=4,
+        BLOCK_E=pow2(E, 16), BLOCK_K=64, **dot_args(x.dtype), num_warps=4,
     )
     return probs, lse, idx, wts
 
