@@ -34,8 +34,8 @@ def _call(monkeypatch, exc):
     cfg = replace(rt.get_config(4096, 64, 64, 32, "NVIDIA H200", False), tma=True, warp_specialize=False)
     out, x1, m1 = torch.empty(128, 64), torch.randn(128, 64), torch.randn(64, 64)
     x2, m2 = torch.randn(128, 32), torch.randn(64, 32)
-    ok = rt.dual_gemm_tma(out, x1, m1, x2, m2, None, torch.empty(0, dtype=torch.int64), 0.0, cfg, m_trans=True,
-                          dropout_term2=False)
+    ok = rt.dual_gemm_tma(out, x1=x1, m1=m1, x2=x2, m2=m2, bias=None, seed=torch.empty(0, dtype=torch.int64),
+                          dropout_p=0.0, cfg=cfg, m_trans=True, dropout_term2=False)
     return ok, rt.TMA_FALLBACKS, cfg
 
 

@@ -182,9 +182,11 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config, m_trans: bool,
+def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config, m_trans: bool,
                   dropout_term2: bool) -> bool:
-    """Persistent TMA dual GEMM; returns False (nothing launched) when it cannot run here."""
+    """Persistent TMA dual GEMM: out [M, N] = x1 op(m1) + d * (x2 op(m2)) (+ bias), with op(m) = m^T for m [N, K]
+    when m_trans, else m [K, N]; d is drop' when dropout_term2. Every operand is a dense 2D tensor with 16-byte
+    aligned rows. Returns False (nothing launched) when it cannot run here."""
     if not cfg.tma or cfg in TMA_FALLBACKS or not _tma_ok(out, x1, m1, x2, m2):
         return False
     M, N = out.shape
@@ -195,7 +197,7 @@ def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config
         _set_tma_allocator()
     try:
         tk._dual_gemm_tma_kernel[grid](
-            x1, m1, x2, m2, bias if bias is not None else out, out, seed, M, N, x1.shape[1], x2.shape[1],
+            x1, m1, x2, m2, _or_unused(bias, out), out, seed, M, N, x1.shape[1], x2.shape[1],
             dropout_p, 1.0 / (1.0 - dropout_p),
             M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2,
             BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
@@ -213,7 +215,13 @@ def dual_gemm_tma(out, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config
     return True
 
 
-def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: Config,
+def _or_unused(pointer, stand_in):
+    """A kernel pointer argument that a constexpr flag turns off (HAS_BIAS=False, say) still needs a tensor: any
+    valid one, never read. Named here so call sites say which arguments are such stand-ins."""
+    return pointer if pointer is not None else stand_in
+
+
+def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: Config,
               has_term1: bool, accumulate: bool, dropout_term2: bool):
     """out [M, N] (+)= x1 [M, K1] M1 + d * (x2 [M, K2] M2) (+ bias). M1 element (k, n) at k*s_k + n*s_n;
     M2 row c at (c // R) * s_e + (c % R) * s_j, column n at n * s_n."""
@@ -227,7 +235,7 @@ def dual_gemm(out, x1, m1_strides, m1, x2, m2, m2_strides, R: int, bias, seed, d
     grid = (cdiv(M, cfg.gemm_m) * cdiv(N, cfg.gemm_n),)
     check_dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
     tk._dual_gemm_kernel[grid](
-        x1, m1, x2, m2, bias if bias is not None else out, out, seed,
+        x1, m1, x2, m2, _or_unused(bias, out), out, seed,
         M, N, K1, K2, R,
         x1.stride(0), x1.stride(1), s_m1k, s_m1n,
         x2.stride(0), x2.stride(1), s_m2e, s_m2j, s_m2n,
@@ -270,16 +278,17 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
     if cfg.fuse_base and cfg.tma and T > SMALL_T:
         y = x.new_empty(T, N)
         B_cat = lora_B.permute(1, 0, 2).reshape(N, C)  # [N, C] copy (N*C elements) for a dense descriptor
-        if dual_gemm_tma(y, x, weight, Hg, B_cat, bias, seed, 0.0, cfg, m_trans=True, dropout_term2=False):
+        if dual_gemm_tma(y, x1=x, m1=weight, x2=Hg, m2=B_cat, bias=bias, seed=seed, dropout_p=0.0, cfg=cfg,
+                         m_trans=True, dropout_term2=False):
             return y, H
     if cfg.fuse_base:
         y = x.new_empty(T, N)
-        dual_gemm(y, x, (1, K), weight, Hg, lora_B, b_strides, r, bias, seed, 0.0, cfg,
-                  has_term1=True, accumulate=False, dropout_term2=False)
+        dual_gemm(y, x1=x, m1=weight, m1_strides=(1, K), x2=Hg, m2=lora_B, m2_strides=b_strides, R=r, bias=bias,
+                  seed=seed, dropout_p=0.0, cfg=cfg, has_term1=True, accumulate=False, dropout_term2=False)
     else:
         y = F.linear(x, weight, bias)
-        dual_gemm(y, x, (1, K), weight, Hg, lora_B, b_strides, r, None, seed, 0.0, cfg,
-                  has_term1=False, accumulate=True, dropout_term2=False)
+        dual_gemm(y, x1=x, m1=weight, m1_strides=(1, K), x2=Hg, m2=lora_B, m2_strides=b_strides, R=r, bias=None,
+                  seed=seed, dropout_p=0.0, cfg=cfg, has_term1=False, accumulate=True, dropout_term2=False)
     return y, H
 
 
@@ -362,12 +371,13 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
         dx = x.new_empty(T, K)
         launched = False
         if T > SMALL_T:
-            launched = dual_gemm_tma(dx, dy, weight, dH, lora_A.view(C, K), None, seed, dropout_p, cfg,
-                                     m_trans=False, dropout_term2=dropout_p > 0)
+            launched = dual_gemm_tma(dx, x1=dy, m1=weight, x2=dH, m2=lora_A.view(C, K), bias=None, seed=seed,
+                                     dropout_p=dropout_p, cfg=cfg, m_trans=False, dropout_term2=dropout_p > 0)
         if not launched:
             # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
-            dual_gemm(dx, dy, (K, 1), weight, dH, lora_A, (r * K, K, 1), r, None, seed, dropout_p, cfg,
-                      has_term1=True, accumulate=False, dropout_term2=dropout_p > 0)
+            dual_gemm(dx, x1=dy, m1=weight, m1_strides=(K, 1), x2=dH, m2=lora_A, m2_strides=(r * K, K, 1), R=r,
+                      bias=None, seed=seed, dropout_p=dropout_p, cfg=cfg, has_term1=True, accumulate=False,
+                      dropout_term2=dropout_p > 0)
     dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     if need_dg:
         G = gates.shape[0]
