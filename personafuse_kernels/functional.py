@@ -166,9 +166,11 @@ def routed_lora(
     scale = _scaling_tensor(scaling, E, x)
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
-    if T == 0 or K == 0 or N == 0 or x.device.type == "meta":
+    if x.device.type == "meta":
         return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p)
-    name = resolve_backend(backend, x.device, x.dtype, T)
+    name = resolve_backend(backend, x.device, x.dtype, T)  # a forced backend that cannot run still raises
+    if T == 0 or K == 0 or N == 0:
+        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p)
     # the kernels' layout: x [T, K], every operand contiguous
     operands = (x.reshape(T, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 lora_A.contiguous(), lora_B.contiguous())

@@ -92,6 +92,14 @@ def test_no_tokens_per_sequence_gates():
     assert torch.equal(Br.grad, torch.zeros_like(B))
 
 
+def test_no_tokens_still_refuses_a_forced_backend_that_cannot_run():
+    W, b, A, B = _weights()
+    if "cuda" in pfk.available_backends():
+        pytest.skip("the cuda backend runs here")
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call"):
+        pfk.routed_lora(torch.randn(0, 8), W, b, A, B, torch.rand(0, 4), backend="cuda")
+
+
 def test_k_zero_is_the_bias():
     N, E, r = 5, 3, 2
     b = torch.randn(N)
