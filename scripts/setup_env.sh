@@ -32,8 +32,10 @@ if ! stamp_ok deps "$deps_key"; then
   stamp_set deps "$deps_key"
 fi
 
-# The torch version without importing torch (an import costs seconds): its version.py names it.
-torch_key=$(cat "$VENV"/lib/python3*/site-packages/torch/version.py 2>/dev/null | sha256sum | cut -c1-16)
+# The torch version without importing torch (an import costs seconds): its version.py names it (test.sh reads
+# whether it is a CUDA build from the same file).
+TORCH_VERSION_PY=$(ls "$VENV"/lib/python3*/site-packages/torch/version.py 2>/dev/null | head -n 1 || true)
+torch_key=$(cat "$TORCH_VERSION_PY" 2>/dev/null | sha256sum | cut -c1-16)
 nvcc_key=$( (command -v nvcc >/dev/null && nvcc --version 2>/dev/null | tail -n 1) || echo none)
 changed=0
 

@@ -14,9 +14,9 @@ if [ "${1:-}" = "--long" ]; then
   shift
 fi
 # A CUDA build of torch plus nvcc means the extension must have compiled: make its absence a failure.
-# torch's version.py tells whether it is a CUDA build without importing torch.
-if grep -qE "^cuda = '[0-9]" "$("$PYBIN" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torch/version.py" \
-    2>/dev/null && command -v nvcc >/dev/null; then
+# torch's version.py (found by setup_env.sh) tells whether it is a CUDA build without importing torch.
+# (the line reads `cuda: Optional[str] = '13.0'` in a CUDA build, `... = None` in a CPU one)
+if grep -qE "^cuda(:[^=]*)? = '[0-9]" "$TORCH_VERSION_PY" 2>/dev/null && command -v nvcc >/dev/null; then
   export PERSONAFUSE_REQUIRE_EXTENSION=1
 fi
 # Budget of the default profile's pytest time on CI's 2-core machine (README, "Tests"): the target is
