@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 from ._buildtools import CXX_FLAGS, DEFAULT_ARCH_LIST, NVCC_FLAGS, extension_sources, find_cuda_home, include_dirs
 
@@ -107,9 +108,8 @@ def jit_build(verbose: bool = False, need_gpu: bool = True):
     build_dir = jit_cache_dir(arch_list)
     build_dir.mkdir(parents=True, exist_ok=True)
     csrc = sources_dir()
-    saved_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
-    try:
+    # cpp_extension reads the arch list from the environment: set for this build only
+    with mock.patch.dict(os.environ, {"TORCH_CUDA_ARCH_LIST": arch_list}):
         with _file_lock(build_dir / "build.lock"):  # a second process waits here, then loads the first one's build
             cached = (build_dir / "_C.so").exists()
             print(f"[personafuse-kernels] {'loading the cached' if cached else 'compiling the'} CUDA extension for "
@@ -123,11 +123,6 @@ def jit_build(verbose: bool = False, need_gpu: bool = True):
             if not cached:
                 print(f"[personafuse-kernels] CUDA extension built in {time.monotonic() - start:.0f} s",
                       file=sys.stderr, flush=True)
-    finally:
-        if saved_arch is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
     sys.modules[f"{__package__}._C"] = module
     return module
 

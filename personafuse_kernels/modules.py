@@ -184,6 +184,11 @@ class RoutedLoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
+    @property
+    def changed_since_merge(self) -> bool:
+        """The base weight was written after merge() (trained or edited while merged): unmerge would lose that."""
+        return self.merged and self.base_layer.weight._version != self._merged_version
+
     @torch.no_grad()
     def merge(self, gates: Tensor) -> None:
         """Fold a fixed mix into W: W += sum_e scaling_e g_e B_e A_e (in float32, then W's dtype).
@@ -212,12 +217,11 @@ class RoutedLoRALinear(nn.Module):
         trained while merged), restoring would discard those changes: that raises unless discard_updates=True."""
         if not self.merged:
             raise RuntimeError("this layer is not merged")
-        weight = self.base_layer.weight
-        if weight._version != self._merged_version and not discard_updates:
+        if self.changed_since_merge and not discard_updates:
             raise RuntimeError("the base weight changed after merge (trained or edited while merged); unmerge would "
                                "restore the pre-merge weight and discard those changes: pass discard_updates=True "
                                "to do so")
-        weight.copy_(self._unmerged_weight)
+        self.base_layer.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
         self._merged_version = None
         self.merged_gates = None

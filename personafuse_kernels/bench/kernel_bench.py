@@ -124,8 +124,8 @@ def time_call(fn, device: str, grad_to_none=None) -> Timing:
 
     m = benchmark.Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads()).adaptive_autorange(
         threshold=NOISY_SPREAD, min_run_time=0.01, max_run_time=CPU_MAX_RUN_S)
-    times = sorted(m.times)
-    q25, q75 = (float(torch.tensor(times, dtype=torch.float64).quantile(q)) for q in (0.25, 0.75))
+    times = torch.tensor(m.times, dtype=torch.float64)
+    q25, q75 = (float(times.quantile(q)) for q in (0.25, 0.75))
     return Timing(m.median * 1e3, q25 * 1e3, q75 * 1e3, reps=m.number_per_run * len(m.times))
 
 

@@ -36,7 +36,7 @@ def unmerge(model: nn.Module, discard_updates: bool = False) -> nn.Module:
     merged = [m for m in routed_layers(model) if m.merged]
     if not merged:
         raise RuntimeError("the model is not merged")
-    if not discard_updates and (changed := [m for m in merged if m.weight._version != m._merged_version]):
+    if not discard_updates and (changed := [m for m in merged if m.changed_since_merge]):
         raise RuntimeError(f"{len(changed)} merged layer(s) had their base weight changed after merge (trained or "
                            f"edited while merged); unmerge would discard those changes: pass discard_updates=True")
     for m in merged:

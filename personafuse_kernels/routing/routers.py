@@ -47,6 +47,12 @@ def apply_capacity(indices: Tensor, weights: Tensor, num_experts: int, capacity_
     return weights * keep.to(weights.dtype), (~keep).sum()
 
 
+def check_temperature(temperature: float) -> None:
+    """Softmax temperature of a router: finite and > 0 (0 divides by zero, NaN or inf gives NaN gates)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
 def _logits_fp32(proj: nn.Linear, x: Tensor) -> Tensor:
     """proj(x) computed in float32 whatever the dtype of x and proj (fp16 logits overflow past 65504 into NaN
     gates); gradients reach proj's parameters and x in their own dtypes."""
@@ -67,8 +73,7 @@ class TokenRouter(nn.Module):
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  capacity_factor: Optional[float] = None, fused: Optional[bool] = None, device=None, dtype=None):
         super().__init__()
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_temperature(temperature)
         if top_k is not None and not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
         bad_factor = capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0)
@@ -127,8 +132,7 @@ class SequenceRouter(nn.Module):
     def __init__(self, in_features: int, num_experts: int, temperature: float = 1.0,
                  context_features: Optional[int] = None, device=None, dtype=None):
         super().__init__()
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_temperature(temperature)
         self.num_experts = num_experts
         self.temperature = float(temperature)
         self.proj = nn.Linear(context_features or in_features, num_experts, device=device, dtype=dtype)
