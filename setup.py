@@ -139,7 +139,7 @@ setup(
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),  # python/ holds scripts, not a package
-    package_data={PACKAGE: ["data/*.json", "ops/triton_configs/*.json", "ops/dispatch_tables/*.json"]},
+    package_data={PACKAGE: ["data/*.json", "ops/triton_configs/*/*.json", "ops/dispatch_tables/*.json"]},
     entry_points={"console_scripts": ["personafuse = personafuse_kernels.cli:main"]},
     license="Apache-2.0",
     classifiers=[

@@ -16,7 +16,28 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .dispatch import get_backend_ops
+from .dispatch import get_backend_ops, topk_block_m
+
+
+class Needs(NamedTuple):
+    """Which gradients a backward computes, by name: the backends' `needs` argument, in this order."""
+    x: bool
+    weight: bool
+    bias: bool
+    lora_A: bool
+    lora_B: bool
+    gates: bool  # dense gates, or the top-k routing weights
+
+    @classmethod
+    def of(cls, ctx, gates_at: int = 5) -> "Needs":
+        """From ctx.needs_input_grad of a forward whose inputs start x, weight, bias, lora_A, lora_B and hold the
+        gates at position gates_at; bias only when there was one."""
+        need = ctx.needs_input_grad
+        return cls(need[0], need[1], need[2] and ctx.has_bias, need[3], need[4], need[gates_at])
+
+    def keep(self, grads) -> tuple:
+        """The six gradients with None where not needed (a backend returns empty tensors there)."""
+        return tuple(g if wanted else None for g, wanted in zip(grads, self))
 
 
 def routed_lora_forward_impl(
@@ -49,7 +70,7 @@ def routed_lora_backward_impl(
     need_dA: bool, need_dB: bool, need_dgates: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = get_backend_ops(backend)
-    needs = (need_dx, need_dW, need_db, need_dA, need_dB, need_dgates)
+    needs = Needs(need_dx, need_dW, need_db, need_dA, need_dB, need_dgates)
     return ops.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p, needs)
 
 
@@ -59,31 +80,14 @@ routed_lora_backward_op = torch.library.custom_op("personafuse::routed_lora_back
 
 
 @routed_lora_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p, need_dx, need_dW, need_db,
-      need_dA, need_dB, need_dgates, backend):
-    return (_grad_like(x, need_dx), _grad_like(weight, need_dW), _grad_like(dy, need_db, (weight.shape[0],)),
-            _grad_like(lora_A, need_dA), _grad_like(lora_B, need_dB), _grad_like(gates, need_dgates))
+def _(dy, x, weight, lora_A, lora_B, gates, *rest):
+    return _fake_grads(dy, x, weight, lora_A, lora_B, gates, Needs(*rest[-7:-1]))
 
 
-class Needs(NamedTuple):
-    """Which gradients a backward computes, by name: the backends' `needs` argument, in this order."""
-    x: bool
-    weight: bool
-    bias: bool
-    lora_A: bool
-    lora_B: bool
-    gates: bool  # dense gates, or the top-k routing weights
-
-    @classmethod
-    def of(cls, ctx, gates_at: int = 5) -> "Needs":
-        """From ctx.needs_input_grad of a forward whose inputs start x, weight, bias, lora_A, lora_B and hold the
-        gates at position gates_at; bias only when there was one."""
-        need = ctx.needs_input_grad
-        return cls(need[0], need[1], need[2] and ctx.has_bias, need[3], need[4], need[gates_at])
-
-    def keep(self, grads) -> tuple:
-        """The six gradients with None where not needed (a backend returns empty tensors there)."""
-        return tuple(g if wanted else None for g, wanted in zip(grads, self))
+def _fake_grads(dy, x, weight, lora_A, lora_B, gates, needs: Needs) -> tuple:
+    """The six gradients' fake tensors (both backward ops; gates: the dense gates or the top-k weights)."""
+    return (_grad_like(x, needs.x), _grad_like(weight, needs.weight), _grad_like(dy, needs.bias, (weight.shape[0],)),
+            _grad_like(lora_A, needs.lora_A), _grad_like(lora_B, needs.lora_B), _grad_like(gates, needs.gates))
 
 
 def _compiling() -> bool:
@@ -140,28 +144,15 @@ class RoutedLoRAFunction(torch.autograd.Function):
 
 # ---------------------------------------------------------------- top-k gates (grouped path)
 #   personafuse::routed_lora_topk_forward(x, weight, bias?, lora_A, lora_B, indices, weights, scaling, seed,
-#       sorted_pairs, group_start, block_group, block_start, block_m, dropout_p, backend) -> (y [T, N], saved)
+#       <routing metadata>, dropout_p, backend) -> (y [T, N], saved)
 #   saved: H [T*k, r] (triton, cuda: per pair) or [T, E*r] (torch reference). The routing metadata is built once by
-#   RoutedLoRATopKFunction and passed to both ops.
+#   RoutedLoRATopKFunction and passed to both ops as RoutingMeta.op_args(): sorted_pairs, group_start,
+#   block_group, block_start, block_m (a custom op's schema takes tensors and scalars, not a tuple).
 
-def _topk_ops(backend: str):
-    """ops/routed_lora_topk_<backend>.py, imported on first use (the others, e.g. Triton's, need not be installed).
-    Plain import statements, which torch.compile traces (importlib.import_module it refuses)."""
-    if backend == "torch":
-        from .ops import routed_lora_topk_torch as ops
-    elif backend == "triton":
-        from .ops import routed_lora_topk_triton as ops
-    elif backend == "cuda":
-        from .ops import routed_lora_topk_cuda as ops
-    else:
-        raise ValueError(f"no top-k ops for backend {backend!r}")
-    return ops
-
-
-def _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices):
+def _meta(op_args, lora_A, indices):
     from .routing.topk import RoutingMeta
 
-    return RoutingMeta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A.shape[0], indices.shape[1])
+    return RoutingMeta.from_op_args(*op_args, num_experts=lora_A.shape[0], k=indices.shape[1])
 
 
 def routed_lora_topk_forward_impl(
@@ -169,8 +160,9 @@ def routed_lora_topk_forward_impl(
     weights: Tensor, scaling: Tensor, seed: Tensor, sorted_pairs: Tensor, group_start: Tensor, block_group: Tensor,
     block_start: Tensor, block_m: int, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    meta = _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices)
-    return _topk_ops(backend).forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, meta)
+    meta = _meta((sorted_pairs, group_start, block_group, block_start, block_m), lora_A, indices)
+    ops = get_backend_ops(backend, topk=True)
+    return ops.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, meta)
 
 
 routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_topk_forward", mutates_args=())(
@@ -179,13 +171,9 @@ routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_
 
 
 @routed_lora_topk_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, sorted_pairs, group_start, block_group,
-      block_start, block_m, dropout_p, backend):
-    from .ops.routed_lora_topk_cuda import grouped_supported
-
-    E, r, _ = lora_A.shape
-    dense = backend == "torch" or (backend == "cuda" and not grouped_supported(x, r))  # cuda falls back to dense
-    saved = x.new_empty(x.shape[0], E * r) if dense else x.new_empty(indices.numel(), r)
+def _(x, weight, bias, lora_A, lora_B, indices, *rest):
+    backend = rest[-1]
+    saved = get_backend_ops(backend, topk=True).saved_like(x, lora_A, indices)
     return x.new_empty(x.shape[0], weight.shape[0]), saved
 
 
@@ -195,10 +183,10 @@ def routed_lora_topk_backward_impl(
     block_start: Tensor, block_m: int, dropout_p: float, need_dx: bool, need_dW: bool, need_db: bool,
     need_dA: bool, need_dB: bool, need_dweights: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    meta = _meta(sorted_pairs, group_start, block_group, block_start, block_m, lora_A, indices)
-    needs = (need_dx, need_dW, need_db, need_dA, need_dB, need_dweights)
-    return _topk_ops(backend).backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved,
-                                       dropout_p, meta, needs)
+    meta = _meta((sorted_pairs, group_start, block_group, block_start, block_m), lora_A, indices)
+    needs = Needs(need_dx, need_dW, need_db, need_dA, need_dB, need_dweights)
+    return get_backend_ops(backend, topk=True).backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling,
+                                                        seed, saved, dropout_p, meta, needs)
 
 
 routed_lora_topk_backward_op = torch.library.custom_op("personafuse::routed_lora_topk_backward", mutates_args=())(
@@ -207,11 +195,8 @@ routed_lora_topk_backward_op = torch.library.custom_op("personafuse::routed_lora
 
 
 @routed_lora_topk_backward_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, sorted_pairs, group_start,
-      block_group, block_start, block_m, dropout_p, need_dx, need_dW, need_db, need_dA, need_dB, need_dweights,
-      backend):
-    return (_grad_like(x, need_dx), _grad_like(weight, need_dW), _grad_like(dy, need_db, (weight.shape[0],)),
-            _grad_like(lora_A, need_dA), _grad_like(lora_B, need_dB), _grad_like(weights, need_dweights))
+def _(dy, x, weight, lora_A, lora_B, indices, weights, *rest):
+    return _fake_grads(dy, x, weight, lora_A, lora_B, weights, Needs(*rest[-7:-1]))
 
 
 class RoutedLoRATopKFunction(torch.autograd.Function):
@@ -222,12 +207,11 @@ class RoutedLoRATopKFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, backend):
         from .routing.topk import build_routing_metadata
 
-        block_m = 16 if backend == "torch" else _topk_ops(backend).block_m_for(*indices.shape)
-        meta = build_routing_metadata(indices, lora_A.shape[0], block_m)
-        tensors = (meta.sorted_pairs, meta.group_start, meta.block_group, meta.block_start)
+        meta = build_routing_metadata(indices, lora_A.shape[0], topk_block_m(backend, *indices.shape))
         op = torch.ops.personafuse.routed_lora_topk_forward if _compiling() else routed_lora_topk_forward_impl
-        y, saved = op(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, *tensors, block_m, dropout_p,
+        y, saved = op(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, *meta.op_args(), dropout_p,
                       backend)
+        *tensors, block_m = meta.op_args()
         ctx.save_for_backward(x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors)
         ctx.block_m, ctx.dropout_p, ctx.backend, ctx.has_bias = block_m, dropout_p, backend, bias is not None
         return y

@@ -61,8 +61,9 @@ def cmd_check(args) -> int:
         from .ops.routed_lora_triton import TMA_FALLBACKS
 
         for cfg, reason in TMA_FALLBACKS.items():
-            print(f"  triton  note: the TMA dual GEMM ({cfg.gemm_m}x{cfg.gemm_n}x{cfg.gemm_k}, {cfg.num_warps} warps) "
-                  f"failed to compile here and runs the pointer kernel: {reason}")
+            tile = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}, {cfg.num_warps} warps"
+            print(f"  triton  note: the TMA dual GEMM ({tile}) failed to compile here and runs the "
+                  f"pointer kernel: {reason}")
     print("all available backends pass" if not failed else f"{failed} backend(s) FAILED")
     return 0 if not failed else 1
 

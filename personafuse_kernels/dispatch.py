@@ -21,11 +21,16 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._extension import extension_error
+from .ops.launch_configs import token_bucket
 
 
 class Backend(NamedTuple):
+    """One backend: where its ops live and where it can run. Both modules are in personafuse_kernels/ops/ and
+    share their contract with the torch reference (routed_lora_torch.py, routed_lora_topk_torch.py)."""
     name: str
-    module: str  # ops module with forward() and backward()
+    module: str  # dense-gate ops: forward(), backward()
+    topk_module: str | None  # top-k ops over routing metadata: forward(), backward(), saved_like(); None: dense path
+    topk_max_block: int  # pairs per routing-metadata block at large T (routing.topk.block_m_for)
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     unavailable: Callable[[], "str | None"]  # why it cannot run on this machine, or None
@@ -48,11 +53,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def token_bucket(tokens: int) -> int:
-    """T rounded up to a power of two: the key ("T<=bucket") of the launch-config and dispatch tables."""
-    return 1 << max(0, int(tokens) - 1).bit_length()
-
-
 def _triton_unavailable() -> str | None:
     try:
         import triton  # noqa: F401
@@ -63,11 +63,15 @@ def _triton_unavailable() -> str | None:
     return None
 
 
+# topk_max_block: the torch reference ignores the metadata (16 keeps it small); Triton's grouped kernels tile 64
+# pairs, 16 under the interpreter, whose cost grows with the tile; csrc/topk's kMaxBlockPairs is 64.
 BACKENDS: dict[str, Backend] = {
-    "torch": Backend("torch", "routed_lora_torch", ("cpu", "cuda"), _ALL_FLOATS, lambda: None),
-    "triton": Backend("triton", "routed_lora_triton", ("cuda", "cpu") if interpreting() else ("cuda",),
-                      _ALL_FLOATS[:3], _triton_unavailable),
-    "cuda": Backend("cuda", "routed_lora_cuda", ("cuda",), _ALL_FLOATS[:3], _cuda_unavailable),
+    "torch": Backend("torch", "routed_lora_torch", "routed_lora_topk_torch", 16, ("cpu", "cuda"), _ALL_FLOATS,
+                     lambda: None),
+    "triton": Backend("triton", "routed_lora_triton", "routed_lora_topk_triton", 16 if interpreting() else 64,
+                      ("cuda", "cpu") if interpreting() else ("cuda",), _ALL_FLOATS[:3], _triton_unavailable),
+    "cuda": Backend("cuda", "routed_lora_cuda", "routed_lora_topk_cuda", 64, ("cuda",), _ALL_FLOATS[:3],
+                    _cuda_unavailable),
 }
 # auto's order of preference on a CUDA device; the first that supports the call wins. CPU: always torch
 # (the Triton interpreter is for tests, not speed).
@@ -138,8 +142,16 @@ def _resolve(requested: str, env: str, device_type: str, dtype: torch.dtype, dev
     return "torch"
 
 
-# Backends with grouped (top-k) kernels; the others run top-k gates on the dense path.
-TOPK_BACKENDS = ("torch", "triton", "cuda")
+# Backends with grouped (top-k) kernels; a backend without a topk_module runs top-k gates on the dense path.
+TOPK_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.topk_module)
+
+
+def topk_block_m(name: str, T: int, k: int) -> int:
+    """Pairs per routing-metadata block for backend `name` and T tokens of k slots (routing.topk.block_m_for
+    capped at the backend's topk_max_block). A pure function of its arguments, so torch.compile traces it."""
+    from .routing.topk import block_m_for
+
+    return block_m_for(T, k, BACKENDS[name].topk_max_block)
 
 
 DEFAULT_TOPK_GROUPED_ABOVE = 360.0  # E * r / k above which grouped wins, from the cost model below
@@ -187,6 +199,12 @@ def resolve_topk_backend(name: str, num_experts: int, rank: int, k: int, device:
     return None
 
 
-def get_backend_ops(name: str):
-    """The ops module (forward, backward) of a backend."""
-    return importlib.import_module(f".ops.{BACKENDS[name].module}", __package__)
+def get_backend_ops(name: str, topk: bool = False):
+    """The ops module of a backend: its dense-gate ops, or with topk=True its top-k ops. Imported on first use
+    (another backend's, Triton's say, need not be installed). Called inside the custom ops' implementations,
+    which torch.compile does not trace (it refuses importlib)."""
+    backend = BACKENDS[name]
+    module = backend.topk_module if topk else backend.module
+    if module is None:
+        raise ValueError(f"backend {name!r} has no top-k ops; top-k gates run on its dense path")
+    return importlib.import_module(f".ops.{module}", __package__)

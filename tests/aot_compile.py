@@ -19,7 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from personafuse_kernels.ops import router_triton  # noqa: E402
 from personafuse_kernels.ops import triton_grouped_kernels as gk
 from personafuse_kernels.ops import triton_kernels as tk
-from personafuse_kernels.ops.routed_lora_triton import get_config  # noqa: E402
+from personafuse_kernels.ops.launch_configs import get_config  # noqa: E402
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory one block may use (A100, H100/H200)
 
@@ -36,22 +36,23 @@ def gemm_cases(dtype="bf16"):
     p = f"*{dtype}"
     cases = []
     for t_bucket, device in ((1, "NVIDIA H200"), (4096, "NVIDIA H200"), (4096, "NVIDIA A100-SXM4-80GB")):
-        cfg = get_config(t_bucket, 4096, 4096, 160, device, False)
+        sc, gc, dc, wc = (get_config(op, t_bucket, 4096, 4096, 160, device)
+                          for op in ("shrink", "gemm", "dhg", "wgrad"))
         dot = {"DOT_PRECISION": "tf32", "UPCAST": False}
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        opts = {"num_warps": gc.num_warps, "num_stages": gc.num_stages}
         tag = f"T<={t_bucket} {device}"
-        split = cfg.split_k if t_bucket <= 64 else 1
+        split = sc.split_k if t_bucket <= 64 else 1
         cases.append((f"shrink {tag}", tk._shrink_kernel,
                        {"X": p, "A": p, "GATES": "*fp32", "SCALING": "*fp32", "SEED": "*i64", "H": p, "HG": p,
                         "PARTIAL": "*fp32", "T": "i32", "K": "i32", "C": "i32", "R": "i32", "E": "i32",
                         "SEQ_LEN": "i32", "dropout_p": "fp32", "dropout_scale": "fp32"},
-                       {"HAS_DROPOUT": True, "SPLIT_K": split, "BLOCK_M": cfg.shrink_m, "BLOCK_C": cfg.shrink_c,
-                        "BLOCK_K": cfg.shrink_k, **dot}, {"num_warps": cfg.num_warps}))
+                       {"HAS_DROPOUT": True, "SPLIT_K": split, "BLOCK_M": sc.block_m, "BLOCK_C": sc.block_c,
+                        "BLOCK_K": sc.block_k, **dot}, {"num_warps": sc.num_warps}))
         cases.append((f"shrink_finalize {tag}", tk._shrink_finalize_kernel,
                        {"PARTIAL": "*fp32", "GATES": "*fp32", "SCALING": "*fp32", "H": p, "HG": p, "T": "i32",
                         "C": "i32", "R": "i32", "E": "i32", "SEQ_LEN": "i32"},
-                       {"SPLIT_K": max(split, 2), "BLOCK_M": cfg.shrink_m, "BLOCK_C": cfg.shrink_c},
-                       {"num_warps": cfg.num_warps}))
+                       {"SPLIT_K": max(split, 2), "BLOCK_M": sc.block_m, "BLOCK_C": sc.block_c},
+                       {"num_warps": sc.num_warps}))
         dual_types = {"X1": p, "M1": p, "X2": p, "M2": p, "BIAS": p, "OUT": p, "SEED": "*i64", "M": "i32",
                       "N": "i32", "K1": "i32", "K2": "i32", "R": "i32", "s_x1m": "i32", "s_x1k": "i32",
                       "s_m1k": "i32", "s_m1n": "i32", "s_x2m": "i32", "s_x2k": "i32", "s_m2e": "i32",
@@ -60,24 +61,24 @@ def gemm_cases(dtype="bf16"):
         for dropout in (False, True):
             cases.append((f"dual_gemm dropout={dropout} {tag}", tk._dual_gemm_kernel, dual_types,
                           {"HAS_TERM1": True, "HAS_BIAS": True, "ACCUMULATE": False, "DROPOUT_TERM2": dropout,
-                           "BLOCK_M": cfg.gemm_m, "BLOCK_N": cfg.gemm_n, "BLOCK_K": cfg.gemm_k,
-                           "BLOCK_K2": cfg.gemm_k2, "GROUP_M": cfg.group_m, **dot}, opts))
-        if cfg.tma:
+                           "BLOCK_M": gc.block_m, "BLOCK_N": gc.block_n, "BLOCK_K": gc.block_k,
+                           "BLOCK_K2": gc.block_k2, "GROUP_M": gc.group_m, **dot}, opts))
+        if gc.tma:
             for m_trans, ws in ((True, False), (False, False), (True, True)):
                 cases.append((f"dual_gemm_tma m_trans={m_trans} ws={ws} {tag}", tk._dual_gemm_tma_kernel,
                               {"X1": p, "M1": p, "X2": p, "M2": p, "BIAS": p, "OUT": p, "SEED": "*i64", "M": "i32",
                                "N": "i32", "K1": "i32", "K2": "i32", "dropout_p": "fp32", "dropout_scale": "fp32"},
                               {"M_TRANS": m_trans, "HAS_BIAS": m_trans, "DROPOUT_TERM2": not m_trans,
-                               "BLOCK_M": cfg.gemm_m, "BLOCK_N": cfg.gemm_n, "BLOCK_K": cfg.gemm_k,
-                               "BLOCK_K2": cfg.gemm_k2, "GROUP_M": cfg.group_m, "NUM_SMS": 132,
-                               "NUM_STAGES": cfg.num_stages, "WARP_SPECIALIZE": ws, **dot},
-                              {"num_warps": cfg.num_warps}))
+                               "BLOCK_M": gc.block_m, "BLOCK_N": gc.block_n, "BLOCK_K": gc.block_k,
+                               "BLOCK_K2": gc.block_k2, "GROUP_M": gc.group_m, "NUM_SMS": 132,
+                               "NUM_STAGES": gc.num_stages, "WARP_SPECIALIZE": ws, **dot},
+                              {"num_warps": gc.num_warps}))
         cases.append((f"dhg {tag}", tk._dhg_kernel,
                       {"DY": p, "B": p, "H": p, "GATES": "*fp32", "SCALING": "*fp32", "DH": p, "DG": "*fp32",
                        "T": "i32", "N": "i32", "R": "i32", "E": "i32", "SEQ_LEN": "i32", "s_be": "i32",
                        "s_bn": "i32", "s_bj": "i32"},
-                      {"BLOCK_M": cfg.dhg_m, "BLOCK_N": cfg.dhg_n, "EXPERTS_PER_BLOCK": 4, "R_PAD": 16, **dot},
-                      {"num_warps": cfg.num_warps}))
+                      {"BLOCK_M": dc.block_m, "BLOCK_N": dc.block_n, "EXPERTS_PER_BLOCK": 4, "R_PAD": 16, **dot},
+                      {"num_warps": dc.num_warps}))
         for q_name in ("Q_DROPOUT", "Q_GATED"):  # wgrad_A with dropout, wgrad_B
             q_mode = getattr(tk, q_name).value
             cases.append((f"tn_gemm {q_name} {tag}", tk._tn_gemm_kernel,
@@ -85,8 +86,8 @@ def gemm_cases(dtype="bf16"):
                            "T": "i32", "I": "i32", "J": "i32", "R": "i32", "E": "i32", "SEQ_LEN": "i32",
                            "s_pt": "i32", "s_pi": "i32", "s_qt": "i32", "s_qj": "i32", "s_os": "i32",
                            "s_oi": "i32", "s_oj": "i32", "dropout_p": "fp32", "dropout_scale": "fp32"},
-                          {"Q_MODE": q_mode, "ATOMIC": False, "SPLIT_T": 4, "BLOCK_I": cfg.tn_i,
-                           "BLOCK_J": cfg.tn_j, "BLOCK_T": cfg.tn_t, **dot}, {"num_warps": cfg.num_warps}))
+                          {"Q_MODE": q_mode, "ATOMIC": False, "SPLIT_T": 4, "BLOCK_I": wc.block_i,
+                           "BLOCK_J": wc.block_j, "BLOCK_T": wc.block_t, **dot}, {"num_warps": wc.num_warps}))
     dot = {"DOT_PRECISION": "tf32", "UPCAST": False}
     meta_types = {"BLOCK_GROUP": "*i32", "BLOCK_START": "*i32", "GROUP_START": "*i32", "SORTED_PAIRS": "*i32"}
     for epi_name in ("EPI_SHRINK", "EPI_DHG"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import assert_within_3x
 
+from personafuse_kernels.dispatch import topk_block_m
 from personafuse_kernels.ops import routed_lora_cuda, routed_lora_topk_cuda, routed_lora_topk_torch, routed_lora_torch
 from personafuse_kernels.routing.topk import build_routing_metadata
 
@@ -92,7 +93,7 @@ def test_cuda_topk_forward_backward(dtype, T, K, N, E, r, k, pattern, dropout_p)
     weights = torch.rand(T, k, generator=g)
     scaling = torch.linspace(0.5, 2.0, E)
     seed = torch.tensor([99], dtype=torch.int64)
-    meta = build_routing_metadata(idx, E, routed_lora_topk_cuda.block_m_for(T, k))
+    meta = build_routing_metadata(idx, E, topk_block_m("cuda", T, k))
 
     def run(mod, cast=None):
         t = {key: v.to(cast) if cast is not None else v for key, v in c.items()}
@@ -144,7 +145,7 @@ def cuda_backend_on_cpu(monkeypatch, emulated_ops):
     """backend="cuda" accepted for CPU tensors, running on the emulated ops: the public API end to end."""
     from personafuse_kernels import dispatch
 
-    cpu_cuda = dispatch.Backend("cuda", "routed_lora_cuda", ("cpu",), dispatch.BACKENDS["cuda"].dtypes, lambda: None)
+    cpu_cuda = dispatch.BACKENDS["cuda"]._replace(devices=("cpu",), unavailable=lambda: None)
     monkeypatch.setitem(dispatch.BACKENDS, "cuda", cpu_cuda)
     dispatch._resolve.cache_clear()
     yield

@@ -120,14 +120,20 @@ def test_low_precision_within_3x_of_torch_same_dtype(dtype):
         assert_within_3x(g[name], g_lp[name], g64[name], name)
 
 
-def force_config(monkeypatch, **fields):
+def force_config(monkeypatch, op, **fields):
+    """Every launch of ``op`` in this test gets its heuristic config with ``fields`` replaced."""
     real = rlt.get_config
-    monkeypatch.setattr(rlt, "get_config", lambda *args: dataclasses.replace(real(*args), **fields))
+
+    def patched(name, *args):
+        cfg = real(name, *args)
+        return dataclasses.replace(cfg, **fields) if name == op else cfg
+
+    monkeypatch.setattr(rlt, "get_config", patched)
 
 
 def test_unfused_base_path_matches(monkeypatch):
     """cuBLAS base + LoRA accumulated into y in place (the other forward layout) gives the same result."""
-    force_config(monkeypatch, fuse_base=False)
+    force_config(monkeypatch, "gemm", fuse_base=False)
     inputs = make_inputs(133, 45, 33, 10, 16, device=DEVICE)
     check_against_reference(inputs, 1.0, FP32_TOL)
 
@@ -136,7 +142,7 @@ def test_unfused_base_path_matches(monkeypatch):
                                                  (80, 48, 56, 1, 16, 0.0)])
 def test_persistent_tma_dual_gemm(monkeypatch, T, K, N, E, r, dropout_p):
     """The Hopper path (persistent kernel, TMA descriptors) for y and dx, on 16-byte aligned shapes."""
-    force_config(monkeypatch, tma=True, gemm_m=32, gemm_n=32, gemm_k=32, gemm_k2=16)
+    force_config(monkeypatch, "gemm", tma=True, block_m=32, block_n=32, block_k=32, block_k2=16)
     calls = []
     real_launch = rlt.dual_gemm_tma
     monkeypatch.setattr(rlt, "dual_gemm_tma", lambda *a, **k: calls.append(real_launch(*a, **k)) or calls[-1])
@@ -146,7 +152,7 @@ def test_persistent_tma_dual_gemm(monkeypatch, T, K, N, E, r, dropout_p):
 
 
 def test_tma_falls_back_on_misaligned_strides_and_on_compile_failure(monkeypatch):
-    force_config(monkeypatch, tma=True, gemm_m=32, gemm_n=32, gemm_k=32, gemm_k2=16)
+    force_config(monkeypatch, "gemm", tma=True, block_m=32, block_n=32, block_k=32, block_k2=16)
     inputs = make_inputs(133, 45, 33, 3, 4, device=DEVICE)  # K = 45 floats: rows not 16-byte aligned
     check_against_reference(inputs, 1.0, FP32_TOL)
 
@@ -167,7 +173,7 @@ def test_tma_falls_back_on_misaligned_strides_and_on_compile_failure(monkeypatch
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_split_k_shrink(monkeypatch, split_k):
-    force_config(monkeypatch, split_k=split_k, shrink_k=16)
+    force_config(monkeypatch, "shrink", split_k=split_k, block_k=16)
     inputs = make_inputs(7, 70, 33, 3, 4, device=DEVICE)
     check_against_reference(inputs, 1.0, FP32_TOL, dropout_p=0.2, seed=3)
 
@@ -200,13 +206,56 @@ def test_empty_batch():
 
 
 def test_config_heuristic_is_cached_and_keyed_on_buckets():
-    rlt.get_config.cache_clear()
-    a = rlt.get_config(64, 4096, 4096, 160, "NVIDIA H200", False)
-    b = rlt.get_config(64, 4096, 4096, 160, "NVIDIA H200", False)
-    assert a is b and a.split_k > 1 and a.gemm_m == 16  # decode: split-K shrink, narrow tiles
-    big = rlt.get_config(4096, 4096, 4096, 160, "NVIDIA H200", False)
-    assert big.split_k == 1 and big.gemm_m == 128
-    assert rlt.get_config.cache_info().hits >= 1
+    from personafuse_kernels.ops import launch_configs as lc
+
+    lc.get_config.cache_clear()
+    a = lc.get_config("shrink", 64, 4096, 4096, 160, "NVIDIA H200", False)
+    b = lc.get_config("shrink", 64, 4096, 4096, 160, "NVIDIA H200", False)
+    assert a is b and a.split_k > 1  # decode: split-K shrink
+    assert lc.get_config("gemm", 64, 4096, 4096, 160, "NVIDIA H200", False).block_m == 16  # narrow tiles
+    assert lc.get_config("shrink", 4096, 4096, 4096, 160, "NVIDIA H200", False).split_k == 1
+    big = lc.get_config("gemm", 4096, 4096, 4096, 160, "NVIDIA H200", False)
+    assert big.block_m == 128 and big.tma
+    assert not lc.get_config("gemm", 4096, 4096, 4096, 160, "NVIDIA A100-SXM4-80GB", False).tma
+    assert lc.get_config.cache_info().hits >= 1
+
+
+def test_tuned_tables_override_per_op_and_reject_unknown_fields(monkeypatch, tmp_path):
+    from personafuse_kernels.ops import launch_configs as lc
+
+    card = tmp_path / "NVIDIA_H999"
+    card.mkdir()
+    (card / "gemm.json").write_text('{"T<=4096": {"block_n": 128, "num_stages": 4}}')
+    (card / "dhg.json").write_text('{"T<=4096": {"block_q": 1}}')
+    monkeypatch.setattr(lc, "TUNED_DIR", tmp_path)
+    lc.get_config.cache_clear()
+    lc.tuned_table.cache_clear()
+    try:
+        gemm = lc.get_config("gemm", 4096, 4096, 4096, 160, "NVIDIA H999", False)
+        assert (gemm.block_n, gemm.num_stages, gemm.block_m) == (128, 4, 128)
+        assert lc.get_config("gemm", 16384, 4096, 4096, 160, "NVIDIA H999", False).block_n == 256  # other bucket
+        with pytest.raises(ValueError, match="unknown fields"):
+            lc.get_config("dhg", 4096, 4096, 4096, 160, "NVIDIA H999", False)
+        with pytest.raises(ValueError, match="unknown op"):
+            lc.get_config("gemv", 4096, 4096, 4096, 160, "NVIDIA H999", False)
+    finally:
+        lc.get_config.cache_clear()
+        lc.tuned_table.cache_clear()
+
+
+def test_launch_configs_import_without_torch():
+    """The AOT gate loads launch_configs.py by path under a Triton-only environment: it must not import torch."""
+    import subprocess
+    import sys
+
+    from personafuse_kernels.ops import launch_configs as lc
+
+    code = ("import sys, importlib.util; sys.modules['torch'] = None; sys.modules['triton'] = None\n"
+            f"spec = importlib.util.spec_from_file_location('lc', {str(lc.__file__)!r})\n"
+            "m = sys.modules['lc'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "print(m.get_config('gemm', 4096, 4096, 4096, 160, 'NVIDIA H200'))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "GemmConfig(block_m=128" in res.stdout, res.stderr
 
 
 def test_auto_picks_torch_on_cpu_even_when_interpreting():

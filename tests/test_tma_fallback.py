@@ -31,7 +31,7 @@ def _call(monkeypatch, exc):
 
     monkeypatch.setattr(tk, "_dual_gemm_tma_kernel", _FakeKernel(exc))
     monkeypatch.setattr(rt, "TMA_FALLBACKS", {})
-    cfg = replace(rt.get_config(4096, 64, 64, 32, "NVIDIA H200", False), tma=True, warp_specialize=False)
+    cfg = replace(rt.get_config("gemm", 4096, 64, 64, 32, "NVIDIA H200", False), tma=True, warp_specialize=False)
     out, x1, m1 = torch.empty(128, 64), torch.randn(128, 64), torch.randn(64, 64)
     x2, m2 = torch.randn(128, 32), torch.randn(64, 32)
     ok = rt.dual_gemm_tma(out, x1=x1, m1=m1, x2=x2, m2=m2, bias=None, seed=torch.empty(0, dtype=torch.int64),

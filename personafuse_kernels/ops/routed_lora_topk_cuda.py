@@ -15,20 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from ..routing.topk import RoutingMeta
-from ..routing.topk import block_m_for as topk_block_m
 from . import routed_lora_cuda, routed_lora_topk_torch, routed_lora_torch
-
-MAX_BLOCK_M = 64  # csrc/topk/topk_block.cuh kMaxBlockPairs
-
-
-def block_m_for(T: int, k: int) -> int:
-    """Pairs per metadata block (routing.topk.block_m_for), at most the kernels' kMaxBlockPairs."""
-    return topk_block_m(T, k, MAX_BLOCK_M)
 
 
 def grouped_supported(x: torch.Tensor, r: int) -> bool:
     """The grouped kernels run where the tensor-core kernels do (fp16/bf16, r <= 128, sm_80+, not turned off)."""
     return routed_lora_cuda.use_tensor_core_kernels(x, r)
+
+
+def saved_like(x, lora_A, indices):
+    """An empty tensor shaped like forward's saved tensor (the custom op's fake implementation): H [T*k, r] on the
+    grouped kernels, else the dense reference's H [T, E*r]."""
+    E, r, _ = lora_A.shape
+    return x.new_empty(indices.numel(), r) if grouped_supported(x, r) else x.new_empty(x.shape[0], E * r)
 
 
 def _route(meta: RoutingMeta):

@@ -12,6 +12,12 @@ from ..routing.topk import dense_gates
 from . import routed_lora_torch
 
 
+def saved_like(x, lora_A, indices):
+    """An empty tensor shaped like forward's saved tensor (the custom op's fake implementation): H [T, E*r]."""
+    E, r, _ = lora_A.shape
+    return x.new_empty(x.shape[0], E * r)
+
+
 def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta):
     """Returns (y [T, N], saved): saved is H [T, E*r] of the dense formulation."""
     return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, dense_gates(indices, weights, lora_A.shape[0]),

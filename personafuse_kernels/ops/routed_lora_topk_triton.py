@@ -13,19 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import interpreting
 from ..routing.topk import RoutingMeta
-from ..routing.topk import block_m_for as topk_block_m
 from . import routed_lora_torch
 from . import triton_grouped_kernels as gk
-from .triton_utils import cdiv, dot_args, num_sms, pow2
+from .launch_configs import get_config
+from .triton_utils import cdiv, config_key, dot_args, num_sms, pow2
 
-BLOCK_L = 64
 
-
-def block_m_for(T: int, k: int) -> int:
-    """Pairs per block (routing.topk.block_m_for); 16 under the interpreter, whose cost grows with the tile."""
-    return 16 if interpreting() else topk_block_m(T, k)
+def saved_like(x, lora_A, indices):
+    """An empty tensor shaped like forward's saved tensor (the custom op's fake implementation): H [T*k, r]."""
+    return x.new_empty(indices.numel(), lora_A.shape[1])
 
 
 def pair_shrink(x, lora_A, w_pair, scaling, seed, H, Hg, meta: RoutingMeta, *, r: int, dropout_p: float):
@@ -46,26 +43,27 @@ def _pair_gemm(X, M, m_strides, w_pair, scaling, seed, H, out, dw, meta: Routing
                dropout_p: float):
     """The kernel behind pair_shrink and pair_dhg; epilogue is gk.EPI_SHRINK or gk.EPI_DHG."""
     L = X.shape[1]
+    cfg = get_config("pair", *config_key(X, L, L, r))
     grid = (meta.block_group.shape[0],)
     gk._grouped_pair_gemm_kernel[grid](
         X, M, w_pair, scaling, seed, H, out, dw, meta.block_group, meta.block_start, meta.group_start,
         meta.sorted_pairs, L, r, meta.k, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
-        EPILOGUE=epilogue, HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_L=BLOCK_L,
-        R_PAD=pow2(r, 16), **dot_args(X.dtype), num_warps=4,
+        EPILOGUE=epilogue, HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_L=cfg.block_l,
+        R_PAD=pow2(r, 16), **dot_args(X.dtype), num_warps=cfg.num_warps,
     )
 
 
 def _expand(out, X2, M, m_strides, seed, meta: RoutingMeta, r: int, dropout_p: float):
     """out[tok] += d * X2[p] M_e for every slot (one launch per slot)."""
     N = out.shape[1]
-    block_n = 64
-    grid = (meta.block_group.shape[0], cdiv(N, block_n))
+    cfg = get_config("expand", *config_key(out, r, N, r))
+    grid = (meta.block_group.shape[0], cdiv(N, cfg.block_n))
     for slot in range(meta.k):
         gk._grouped_expand_kernel[grid](
             X2, M, out, seed, meta.block_group, meta.block_start, meta.group_start, meta.sorted_pairs,
             N, r, meta.k, slot, *m_strides, dropout_p, 1.0 / (1.0 - dropout_p),
-            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_N=block_n, R_PAD=pow2(r, 16),
-            **dot_args(out.dtype), num_warps=4,
+            HAS_DROPOUT=dropout_p > 0.0, BLOCK_M=meta.block_m, BLOCK_N=cfg.block_n, R_PAD=pow2(r, 16),
+            **dot_args(out.dtype), num_warps=cfg.num_warps,
         )
 
 
@@ -83,16 +81,17 @@ def expert_wgrad_A(dH, x, w_pair, scaling, seed, meta: RoutingMeta, *, E: int, r
 def _wgrad(P, Q, w_pair, scaling, seed, meta: RoutingMeta, E: int, I: int, J: int, r: int, mode,
            dropout_p: float):
     """[E, I, J] fp32, the kernel behind expert_wgrad_B (I = N, J = r) and expert_wgrad_A (I = r, J = K)."""
-    block_i = pow2(I, 16, 64)
-    block_j = pow2(J, 16, 64)
+    cfg = get_config("expert_wgrad", *config_key(P, I, J, r))
+    block_i = pow2(I, 16, cfg.max_block)
+    block_j = pow2(J, 16, cfg.max_block)
     tiles = cdiv(I, block_i) * cdiv(J, block_j)
-    split = 1 if interpreting() else max(1, min(8, (2 * num_sms(P.device)) // max(1, E * tiles)))
+    split = max(1, min(cfg.max_split, (2 * num_sms(P.device)) // max(1, E * tiles)))
     out = torch.empty(split, E, I, J, dtype=torch.float32, device=P.device)
     gk._grouped_wgrad_kernel[(E, tiles, split)](
         P, Q, w_pair, scaling, seed, out, meta.group_start, meta.sorted_pairs, I, J, r, meta.k,
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), dropout_p, 1.0 / (1.0 - dropout_p),
         MODE=mode, HAS_DROPOUT=mode == gk.WGRAD_A.value and dropout_p > 0.0, SPLIT=split, BLOCK_I=block_i,
-        BLOCK_J=block_j, BLOCK_T=32, **dot_args(P.dtype), num_warps=4,
+        BLOCK_J=block_j, BLOCK_T=cfg.block_t, **dot_args(P.dtype), num_warps=cfg.num_warps,
     )
     return out.sum(0) if split > 1 else out[0]
 

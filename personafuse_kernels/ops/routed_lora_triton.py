@@ -18,93 +18,31 @@ No host synchronization anywhere (the dropout seed is read on the device), so CU
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
 import warnings
-from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ..dispatch import interpreting, token_bucket
+from ..dispatch import interpreting
 from . import routed_lora_torch
 from . import triton_kernels as tk
-from .triton_utils import cdiv, check_dot_tiles, dot_args, num_sms, pow2
-
-TUNED_DIR = Path(__file__).with_name("triton_configs")
-SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
+from .launch_configs import SMALL_T, DhgConfig, GemmConfig, ShrinkConfig, WgradConfig, get_config
+from .triton_utils import cdiv, check_dot_tiles, config_key, dot_args, num_sms, pow2
 
 
-@dataclass(frozen=True)
-class Config:
-    """Launch parameters of one call, from the heuristic below or a tuned table."""
-    shrink_m: int
-    shrink_c: int
-    shrink_k: int
-    split_k: int
-    gemm_m: int
-    gemm_n: int
-    gemm_k: int
-    gemm_k2: int
-    group_m: int
-    fuse_base: bool  # y = x W^T + Hg B^T in one kernel (else cuBLAS base + accumulate)
-    tma: bool  # persistent TMA dual GEMM (Hopper) when the strides allow it, else the pointer kernel
-    warp_specialize: bool
-    num_warps: int
-    num_stages: int
-    dhg_m: int
-    dhg_n: int
-    tn_i: int
-    tn_j: int
-    tn_t: int
+class Configs(NamedTuple):
+    """The launch config of each op one call runs (ops/launch_configs.py)."""
+    shrink: ShrinkConfig
+    gemm: GemmConfig
+    dhg: DhgConfig
+    wgrad: WgradConfig
 
 
-@functools.lru_cache(maxsize=None)
-def _tuned_table(device_name: str) -> dict:
-    """Optional per-GPU table: triton_configs/<device name with spaces as _>.json mapping
-    "T<=bucket" -> {Config field: value}. Absent tables mean the heuristic alone."""
-    path = TUNED_DIR / (device_name.replace(" ", "_") + ".json")
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-@functools.lru_cache(maxsize=256)
-def get_config(t_bucket: int, K: int, N: int, C: int, device_name: str, interpret: bool) -> Config:
-    """Cached heuristic keyed on shape buckets (T rounded up to a power of two); no autotuning on the hot path.
-
-    Untuned defaults chosen from the cost model (docs/cost-model.md): large T is compute-bound on the base GEMM, so
-    128x128x64 tiles with grouped order; T <= 64 is bandwidth-bound, so narrow N tiles (many programs
-    streaming W once) and split-K for the shrink so A is read by many SMs.
-    """
-    small = t_bucket <= SMALL_T
-    c_blk = pow2(C, 16, 64 if small else 128)
-    if interpret:  # few, large programs: the interpreter's cost is per program and per op
-        cfg = Config(shrink_m=64, shrink_c=pow2(C, 16, 256), shrink_k=64, split_k=2 if small else 1,
-                     gemm_m=64, gemm_n=64, gemm_k=64, gemm_k2=pow2(C, 16, 64), group_m=4, fuse_base=True,
-                     tma=False, warp_specialize=False, num_warps=4, num_stages=1, dhg_m=64, dhg_n=64, tn_i=64,
-                     tn_j=64, tn_t=64)
-    elif small:
-        cfg = Config(shrink_m=16, shrink_c=c_blk, shrink_k=128, split_k=max(1, min(16, K // 512)),
-                     gemm_m=16, gemm_n=32, gemm_k=128, gemm_k2=pow2(C, 16, 64), group_m=1, fuse_base=True,
-                     tma=False, warp_specialize=False, num_warps=4, num_stages=4, dhg_m=16, dhg_n=128, tn_i=64,
-                     tn_j=64, tn_t=64)
-    else:
-        hopper = device_name.startswith("NVIDIA H")  # H100 / H200 / H20 / H800: TMA + wgmma
-        # Hopper: the calibration of docs/cost-model.md, 128x256x64 tiles, 8 warps, 3 stages, persistent with TMA.
-        cfg = Config(shrink_m=64, shrink_c=c_blk, shrink_k=64, split_k=1,
-                     gemm_m=128, gemm_n=256 if hopper else 128, gemm_k=64, gemm_k2=32, group_m=8, fuse_base=True,
-                     tma=hopper, warp_specialize=False, num_warps=8, num_stages=3, dhg_m=64, dhg_n=64, tn_i=64,
-                     tn_j=128, tn_t=64)
-    tuned = _tuned_table(device_name).get(f"T<={t_bucket}")
-    return replace(cfg, **tuned) if tuned else cfg
-
-
-def _config_for(x: torch.Tensor, K: int, N: int, C: int) -> Config:
-    interpret = interpreting()
-    name = "interpreter" if interpret or x.device.type != "cuda" else torch.cuda.get_device_name(x.device)
-    return get_config(token_bucket(x.shape[0]), K, N, C, name, interpret)
+def _configs_for(x: torch.Tensor, K: int, N: int, C: int) -> Configs:
+    key = config_key(x, K, N, C)
+    return Configs(*(get_config(op, *key) for op in Configs._fields))
 
 
 def _split_t(T: int, tiles: int, block_t: int, device: torch.device) -> int:
@@ -119,7 +57,7 @@ def _atomic_reduce() -> bool:
     return os.environ.get("PERSONAFUSE_ATOMIC_REDUCE", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
-def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg: Config):
+def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg: ShrinkConfig):
     """(H, Hg) [T, C] in x's dtype. x [T, K], lora_A [E, r, K], gates [G, E] fp32, scaling [E] fp32."""
     T, K = x.shape
     E, r, _ = lora_A.shape
@@ -129,20 +67,20 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     if T == 0:
         return H, Hg
     split = cfg.split_k if T <= SMALL_T else 1
-    split = max(1, min(split, cdiv(K, cfg.shrink_k)))
+    split = max(1, min(split, cdiv(K, cfg.block_k)))
     partial = x.new_empty((split, T, C), dtype=torch.float32) if split > 1 else H
     scale = 1.0 / (1.0 - dropout_p)
-    grid = (cdiv(T, cfg.shrink_m), cdiv(C, cfg.shrink_c), split)
-    check_dot_tiles(cfg.shrink_m, cfg.shrink_c, cfg.shrink_k)
+    grid = (cdiv(T, cfg.block_m), cdiv(C, cfg.block_c), split)
+    check_dot_tiles(cfg.block_m, cfg.block_c, cfg.block_k)
     tk._shrink_kernel[grid](
         x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
-        HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.shrink_m, BLOCK_C=cfg.shrink_c,
-        BLOCK_K=cfg.shrink_k, **dot_args(x.dtype), num_warps=cfg.num_warps,
+        HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        BLOCK_K=cfg.block_k, **dot_args(x.dtype), num_warps=cfg.num_warps,
     )
     if split > 1:
-        tk._shrink_finalize_kernel[(cdiv(T, cfg.shrink_m), cdiv(C, cfg.shrink_c))](
-            partial, gates, scaling, H, Hg, T, C, r, E, seq_len, SPLIT_K=split, BLOCK_M=cfg.shrink_m,
-            BLOCK_C=cfg.shrink_c, num_warps=cfg.num_warps,
+        tk._shrink_finalize_kernel[(cdiv(T, cfg.block_m), cdiv(C, cfg.block_c))](
+            partial, gates, scaling, H, Hg, T, C, r, E, seq_len, SPLIT_K=split, BLOCK_M=cfg.block_m,
+            BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
         )
     return H, Hg
 
@@ -182,7 +120,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Config, m_trans: bool,
+def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: GemmConfig, m_trans: bool,
                   dropout_term2: bool) -> bool:
     """Persistent TMA dual GEMM: out [M, N] = x1 op(m1) + d * (x2 op(m2)) (+ bias), with op(m) = m^T for m [N, K]
     when m_trans, else m [K, N]; d is drop' when dropout_term2. Every operand is a dense 2D tensor with 16-byte
@@ -191,8 +129,8 @@ def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Con
         return False
     M, N = out.shape
     sms = num_sms(out.device)
-    grid = (min(sms, cdiv(M, cfg.gemm_m) * cdiv(N, cfg.gemm_n)),)
-    check_dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
+    grid = (min(sms, cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)),)
+    check_dot_tiles(cfg.block_m, cfg.block_n, cfg.block_k, cfg.block_k2)
     if not interpreting():
         _set_tma_allocator()
     try:
@@ -200,7 +138,7 @@ def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Con
             x1, m1, x2, m2, _or_unused(bias, out), out, seed, M, N, x1.shape[1], x2.shape[1],
             dropout_p, 1.0 / (1.0 - dropout_p),
             M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2,
-            BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
             NUM_SMS=sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
             **dot_args(out.dtype), num_warps=cfg.num_warps,
         )
@@ -221,7 +159,7 @@ def _or_unused(pointer, stand_in):
     return pointer if pointer is not None else stand_in
 
 
-def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: Config,
+def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: GemmConfig,
               has_term1: bool, accumulate: bool, dropout_term2: bool):
     """out [M, N] (+)= x1 [M, K1] M1 + d * (x2 [M, K2] M2) (+ bias). M1 element (k, n) at k*s_k + n*s_n;
     M2 row c at (c // R) * s_e + (c % R) * s_j, column n at n * s_n."""
@@ -232,8 +170,8 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
         return out
     s_m1k, s_m1n = m1_strides
     s_m2e, s_m2j, s_m2n = m2_strides
-    grid = (cdiv(M, cfg.gemm_m) * cdiv(N, cfg.gemm_n),)
-    check_dot_tiles(cfg.gemm_m, cfg.gemm_n, cfg.gemm_k, cfg.gemm_k2)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    check_dot_tiles(cfg.block_m, cfg.block_n, cfg.block_k, cfg.block_k2)
     tk._dual_gemm_kernel[grid](
         x1, m1, x2, m2, _or_unused(bias, out), out, seed,
         M, N, K1, K2, R,
@@ -242,7 +180,7 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
         out.stride(0), out.stride(1),
         dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
-        BLOCK_M=cfg.gemm_m, BLOCK_N=cfg.gemm_n, BLOCK_K=cfg.gemm_k, BLOCK_K2=cfg.gemm_k2, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
         **dot_args(out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -256,7 +194,7 @@ class Call(NamedTuple):
     E: int
     r: int
     C: int
-    cfg: Config
+    cfgs: Configs
     gates32: torch.Tensor  # [G, E]
     scaling32: torch.Tensor  # [E]
 
@@ -265,14 +203,15 @@ def _prepare(x, weight, lora_A, gates, scaling) -> Call:
     T, K = x.shape
     N = weight.shape[0]
     E, r, _ = lora_A.shape
-    return Call(T, K, N, E, r, E * r, _config_for(x, K, N, E * r), gates.float().contiguous(),
+    return Call(T, K, N, E, r, E * r, _configs_for(x, K, N, E * r), gates.float().contiguous(),
                 scaling.float().contiguous())
 
 
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
-    T, K, N, E, r, C, cfg, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
-    H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfg)
+    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
+    H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
+    cfg = cfgs.gemm
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
     b_strides = (N * r, 1, r)
     if cfg.fuse_base and cfg.tma and T > SMALL_T:
@@ -292,7 +231,7 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
     return y, H
 
 
-def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
+def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: DhgConfig):
     """(dH [T, C] in H's dtype, dg_tok [T, E] fp32) from dy [T, N]."""
     T, N = dy.shape
     E, _, r = lora_B.shape
@@ -303,23 +242,23 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: Config):
     r_pad = pow2(r)
     # whole experts per tile, about 64 columns, never fewer than 16 (tl.dot), masked past E
     experts_per_block = max(min(pow2(E), max(1, 64 // r_pad)), cdiv(16, r_pad))
-    grid = (cdiv(T, cfg.dhg_m), cdiv(E, experts_per_block))
-    check_dot_tiles(cfg.dhg_m, cfg.dhg_n, experts_per_block * r_pad)
+    grid = (cdiv(T, cfg.block_m), cdiv(E, experts_per_block))
+    check_dot_tiles(cfg.block_m, cfg.block_n, experts_per_block * r_pad)
     tk._dhg_kernel[grid](
         dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        BLOCK_M=cfg.dhg_m, BLOCK_N=cfg.dhg_n, EXPERTS_PER_BLOCK=experts_per_block, R_PAD=r_pad,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EXPERTS_PER_BLOCK=experts_per_block, R_PAD=r_pad,
         **dot_args(dy.dtype), num_warps=cfg.num_warps,
     )
     return dH, dg_tok
 
 
-def wgrad_B(dy, H, gates32, scaling32, seed, *, r: int, seq_len: int, cfg: Config) -> torch.Tensor:
+def wgrad_B(dy, H, gates32, scaling32, seed, *, r: int, seq_len: int, cfg: WgradConfig) -> torch.Tensor:
     """dB_cat [N, C] fp32 = dY^T Hg, with Hg = H * s_e g rebuilt from H on load; dy [T, N], H [T, C]."""
     return _tn_gemm(dy, H, dy.shape[1], H.shape[1], tk.Q_GATED.value, gates32, scaling32, seed, r, seq_len, 0.0, cfg)
 
 
-def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len: int, dropout_p: float, cfg: Config
+def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len: int, dropout_p: float, cfg: WgradConfig
             ) -> torch.Tensor:
     """dA_cat [C, K] fp32 = dH^T drop(x), the dropout mask regenerated from the seed; dH [T, C], x [T, K]."""
     q_mode = (tk.Q_DROPOUT if dropout_p > 0 else tk.Q_PLAIN).value
@@ -327,12 +266,12 @@ def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len: int, dropout_p:
 
 
 def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len: int, dropout_p: float,
-             cfg: Config):
+             cfg: WgradConfig):
     """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J], q as q_mode says (triton_kernels.Q_*)."""
     T = p.shape[0]
-    tiles = cdiv(I, cfg.tn_i) * cdiv(J, cfg.tn_j)
+    tiles = cdiv(I, cfg.block_i) * cdiv(J, cfg.block_j)
     atomic = _atomic_reduce()
-    split = 1 if T == 0 else _split_t(T, tiles, cfg.tn_t, p.device)
+    split = 1 if T == 0 else _split_t(T, tiles, cfg.block_t, p.device)
     if atomic or split == 1:
         out = torch.zeros(I, J, dtype=torch.float32, device=p.device)
     else:
@@ -340,13 +279,13 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
     if T == 0:
         return out
     E = gates.shape[1]
-    check_dot_tiles(cfg.tn_i, cfg.tn_j, cfg.tn_t)
-    tk._tn_gemm_kernel[(cdiv(I, cfg.tn_i), cdiv(J, cfg.tn_j), split)](
+    check_dot_tiles(cfg.block_i, cfg.block_j, cfg.block_t)
+    tk._tn_gemm_kernel[(cdiv(I, cfg.block_i), cdiv(J, cfg.block_j), split)](
         p, q, gates, scaling, seed, out, T, I, J, r, E, seq_len,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         out.stride(0) if out.dim() == 3 else 0, out.stride(-2), out.stride(-1),
         dropout_p, 1.0 / (1.0 - dropout_p),
-        Q_MODE=q_mode, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.tn_i, BLOCK_J=cfg.tn_j, BLOCK_T=cfg.tn_t,
+        Q_MODE=q_mode, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j, BLOCK_T=cfg.block_t,
         **dot_args(p.dtype), num_warps=cfg.num_warps,
     )
     return out.sum(0) if out.dim() == 3 else out
@@ -355,28 +294,28 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
 def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
     """(dx, dW, db, dA, dB, dgates); same contract as routed_lora_torch.backward."""
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
-    T, K, N, E, r, C, cfg, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
-    dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfg)
+    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
+    dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfgs.dhg)
 
     dB = dy.new_empty(0)
     if need_dB:
-        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfg)  # [N, C]
+        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfgs.wgrad)  # [N, C]
         dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
     dA = dy.new_empty(0)
     if need_dA:
         dA = wgrad_A(dH, x, gates32, scaling32, seed, r=r, seq_len=seq_len, dropout_p=dropout_p,
-                     cfg=cfg).view(E, r, K).to(lora_A.dtype)
+                     cfg=cfgs.wgrad).view(E, r, K).to(lora_A.dtype)
     dx = dy.new_empty(0)
     if need_dx:
         dx = x.new_empty(T, K)
         launched = False
         if T > SMALL_T:
             launched = dual_gemm_tma(dx, x1=dy, m1=weight, x2=dH, m2=lora_A.view(C, K), bias=None, seed=seed,
-                                     dropout_p=dropout_p, cfg=cfg, m_trans=False, dropout_term2=dropout_p > 0)
+                                     dropout_p=dropout_p, cfg=cfgs.gemm, m_trans=False, dropout_term2=dropout_p > 0)
         if not launched:
             # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
             dual_gemm(dx, x1=dy, m1=weight, m1_strides=(K, 1), x2=dH, m2=lora_A, m2_strides=(r * K, K, 1), R=r,
-                      bias=None, seed=seed, dropout_p=dropout_p, cfg=cfg, has_term1=True, accumulate=False,
+                      bias=None, seed=seed, dropout_p=dropout_p, cfg=cfgs.gemm, has_term1=True, accumulate=False,
                       dropout_term2=dropout_p > 0)
     dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     if need_dg:

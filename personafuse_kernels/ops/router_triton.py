@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch_configs import get_config
 from .triton_kernels import _mma
-from .triton_utils import cdiv, dot_args, pow2
+from .triton_utils import cdiv, config_key, dot_args, pow2
 
 
 @triton.jit
@@ -113,13 +114,13 @@ def topk_router_dlogits(probs, idx, wts, dwts, dprobs, dlse, temperature: float)
     dlogits = torch.empty_like(probs)
     if T == 0:
         return dlogits
-    block_m = 32
+    cfg = get_config("router", *config_key(probs, 0, E, E))
     dwts = torch.zeros_like(wts) if dwts is None else dwts.float().contiguous()
-    _topk_router_bwd_kernel[(cdiv(T, block_m),)](
+    _topk_router_bwd_kernel[(cdiv(T, cfg.block_m),)](
         probs, idx, wts, dwts, probs if dprobs is None else dprobs.float().contiguous(),
         probs if dlse is None else dlse.float().contiguous(), dlogits, T, E, 1.0 / temperature,
-        TOP_K=k, HAS_DPROBS=dprobs is not None, HAS_DLSE=dlse is not None, BLOCK_M=block_m,
-        BLOCK_E=pow2(E, 16), num_warps=4,
+        TOP_K=k, HAS_DPROBS=dprobs is not None, HAS_DLSE=dlse is not None, BLOCK_M=cfg.block_m,
+        BLOCK_E=pow2(E, 16), num_warps=cfg.num_warps,
     )
     return dlogits
 
@@ -136,10 +137,10 @@ def topk_router_forward(x, weight, bias, temperature: float, top_k: int):
     wts = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
     if T == 0:
         return probs, lse, idx, wts
-    block_m = 32
-    _topk_router_fwd_kernel[(cdiv(T, block_m),)](
-        x, weight, bias, probs, lse, idx, wts, T, K, E, 1.0 / temperature, TOP_K=top_k, BLOCK_M=block_m,
-        BLOCK_E=pow2(E, 16), BLOCK_K=64, **dot_args(x.dtype), num_warps=4,
+    cfg = get_config("router", *config_key(x, K, E, E))
+    _topk_router_fwd_kernel[(cdiv(T, cfg.block_m),)](
+        x, weight, bias, probs, lse, idx, wts, T, K, E, 1.0 / temperature, TOP_K=top_k, BLOCK_M=cfg.block_m,
+        BLOCK_E=pow2(E, 16), BLOCK_K=cfg.block_k, **dot_args(x.dtype), num_warps=cfg.num_warps,
     )
     return probs, lse, idx, wts
 

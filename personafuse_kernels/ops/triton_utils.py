@@ -8,13 +8,9 @@ import torch
 from triton import cdiv
 
 from ..dispatch import interpreting
+from .launch_configs import INTERPRETER, pow2, token_bucket
 
-__all__ = ["cdiv", "check_dot_tiles", "dot_args", "num_sms", "pow2"]
-
-
-def pow2(n: int, lo: int = 1, hi: int = 1 << 30) -> int:
-    """The power of two at or above n, clamped to [lo, hi] (tile sizes: tl.arange needs powers of two)."""
-    return max(lo, min(hi, 1 << max(0, int(n) - 1).bit_length()))
+__all__ = ["cdiv", "check_dot_tiles", "config_key", "device_name", "dot_args", "num_sms", "pow2"]
 
 
 def dot_args(dtype: torch.dtype) -> dict:
@@ -28,6 +24,24 @@ def dot_args(dtype: torch.dtype) -> dict:
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """torch.cuda.get_device_name, cached per device (the launch-config key; a driver query per call otherwise)."""
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def config_key(x: torch.Tensor, K: int, N: int, C: int) -> tuple:
+    """The arguments after ``op`` of launch_configs.get_config for a call on x [T, ...]: the T bucket, the sizes,
+    the device name (cached) and whether the interpreter runs the kernels."""
+    interpret = interpreting()
+    name = INTERPRETER if interpret or x.device.type != "cuda" else device_name(x.device)
+    return token_bucket(x.shape[0]), K, N, C, name, interpret
 
 
 def num_sms(device: torch.device) -> int:

@@ -120,6 +120,16 @@ class RoutingMeta(NamedTuple):
     num_experts: int
     k: int
 
+    def op_args(self) -> tuple:
+        """The fields a custom op takes, in its schema's order (tensors, then block_m); from_op_args undoes it.
+        torch.library ops take tensors and scalars, not this tuple, so they list these five arguments."""
+        return self.sorted_pairs, self.group_start, self.block_group, self.block_start, self.block_m
+
+    @classmethod
+    def from_op_args(cls, sorted_pairs, group_start, block_group, block_start, block_m: int, *, num_experts: int,
+                     k: int) -> "RoutingMeta":
+        return cls(sorted_pairs, group_start, block_group, block_start, block_m, num_experts, k)
+
 
 def build_routing_metadata(indices: Tensor, num_experts: int, block_m: int) -> RoutingMeta:
     """indices [T, k] int64 (valid) -> RoutingMeta, with torch ops on indices' device and no host sync."""
