@@ -40,7 +40,7 @@ def variants(t_bucket: int, quick: bool) -> list[tuple[str, dict]]:
         grid = [("gemm", {}), ("gemm", {"tma": False}), ("gemm", {"tma": False, "block_n": 128}),
                 ("gemm", {"warp_specialize": True}), ("gemm", {"block_n": 128}), ("gemm", {"num_stages": 4}),
                 ("gemm", {"fuse_base": False}), ("gemm", {"block_m": 64, "block_n": 128}),
-                ("shrink", {"num_warps": 4}), ("dhg", {"num_warps": 4}), ("wgrad", {"block_j": 64})]
+                ("shrink", {"num_warps": 4}), ("dhg", {"num_warps": 4}), ("wgrad_b", {"block_j": 64})]
     return grid[:3] if quick else grid
 
 

@@ -67,6 +67,24 @@ if ! stamp_ok extension "$ext_key" || [ ! -f "$ROOT/personafuse_kernels/_build_i
   changed=1
 fi
 
+# A side environment with only the Triton that the GPU machine carries (no torch): tests/test_triton_aot.py compiles
+# the kernels for sm_90a under it too. PERSONAFUSE_STATIC_TRITON=0 skips it; a failed install is reported, not fatal
+# (the test then skips, or fails under CI=true).
+STATIC_TRITON="${PERSONAFUSE_STATIC_TRITON:-3.6.0}"
+SIDE="$ROOT/.venv-triton${STATIC_TRITON}"
+if [ "$STATIC_TRITON" != 0 ] && { ! stamp_ok "triton-$STATIC_TRITON" "$STATIC_TRITON" || [ ! -x "$SIDE/bin/python" ]; }; then
+  echo "[setup] side environment $SIDE with triton==$STATIC_TRITON only (the sm_90a compile gate)"
+  start=$(date +%s)
+  if "$PY" -m venv "$SIDE" >/dev/null 2>&1 \
+      && "$SIDE/bin/python" -m pip install -q "triton==$STATIC_TRITON" >"$VENV/.pfk-side.log" 2>&1; then
+    echo "[setup] side environment took $(( $(date +%s) - start )) s"
+    stamp_set "triton-$STATIC_TRITON" "$STATIC_TRITON"
+  else
+    tail -n 5 "$VENV/.pfk-side.log" 2>/dev/null || true
+    echo "[setup] WARNING: could not install triton==$STATIC_TRITON into $SIDE; its compile gate will not run"
+  fi
+fi
+
 if [ "$changed" = 1 ]; then
   "$VPY" - <<'PY'
 import personafuse_kernels as pfk

@@ -4,7 +4,8 @@
     shrink    _shrink_kernel, _shrink_finalize_kernel               ShrinkConfig
     gemm      _dual_gemm_kernel, _dual_gemm_tma_kernel              GemmConfig
     dhg       _dhg_kernel                                           DhgConfig
-    wgrad     _tn_gemm_kernel (wgrad_A, wgrad_B)                    WgradConfig
+    wgrad_a   _tn_gemm_kernel as wgrad_A (dA_cat = dH^T drop(x))     WgradConfig
+    wgrad_b   _tn_gemm_kernel as wgrad_B (dB_cat = dY^T Hg)          WgradConfig
     pair      _grouped_pair_gemm_kernel (top-k shrink and dHg)      PairConfig
     expand    _grouped_expand_kernel (top-k y and dx)               ExpandConfig
     expert_wgrad  _grouped_wgrad_kernel (top-k dA, dB)              ExpertWgradConfig
@@ -154,7 +155,13 @@ def _dhg(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> DhgConfi
     return DhgConfig(block_m=64, block_n=64, num_warps=8)
 
 
-def _wgrad(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> WgradConfig:
+def _wgrad_a(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> WgradConfig:
+    # 64x64 tiles, 4 warps: at 64x128 with 8 warps ptxas serializes the wgmma of the p = 0 kernel (C7515, sm_90a,
+    # Triton 3.6), and with 4 warps the dropout kernel spills (Triton 3.8); this one is clean under both.
+    return WgradConfig(block_i=64, block_j=64, block_t=64, num_warps=4)
+
+
+def _wgrad_b(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> WgradConfig:
     if interpret or small:
         return WgradConfig(block_i=64, block_j=64, block_t=64, num_warps=4)
     return WgradConfig(block_i=64, block_j=128, block_t=64, num_warps=8)
@@ -176,8 +183,8 @@ def _router(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> Route
     return RouterConfig(block_m=32, block_k=64, num_warps=4)
 
 
-HEURISTICS = {"shrink": _shrink, "gemm": _gemm, "dhg": _dhg, "wgrad": _wgrad, "pair": _pair, "expand": _expand,
-              "expert_wgrad": _expert_wgrad, "router": _router}
+HEURISTICS = {"shrink": _shrink, "gemm": _gemm, "dhg": _dhg, "wgrad_a": _wgrad_a, "wgrad_b": _wgrad_b,
+              "pair": _pair, "expand": _expand, "expert_wgrad": _expert_wgrad, "router": _router}
 OPS = tuple(HEURISTICS)
 
 

@@ -37,7 +37,8 @@ class Configs(NamedTuple):
     shrink: ShrinkConfig
     gemm: GemmConfig
     dhg: DhgConfig
-    wgrad: WgradConfig
+    wgrad_a: WgradConfig
+    wgrad_b: WgradConfig
 
 
 def _configs_for(x: torch.Tensor, K: int, N: int, C: int) -> Configs:
@@ -299,12 +300,12 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
 
     dB = dy.new_empty(0)
     if need_dB:
-        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfgs.wgrad)  # [N, C]
+        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfgs.wgrad_b)  # [N, C]
         dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
     dA = dy.new_empty(0)
     if need_dA:
         dA = wgrad_A(dH, x, gates32, scaling32, seed, r=r, seq_len=seq_len, dropout_p=dropout_p,
-                     cfg=cfgs.wgrad).view(E, r, K).to(lora_A.dtype)
+                     cfg=cfgs.wgrad_a).view(E, r, K).to(lora_A.dtype)
     dx = dy.new_empty(0)
     if need_dx:
         dx = x.new_empty(T, K)

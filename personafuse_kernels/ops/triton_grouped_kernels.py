@@ -60,7 +60,11 @@ def _grouped_pair_gemm_kernel(
     c_ok = cols < R
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    # dropout: the masked x tile goes in as the B operand (see triton_kernels._shrink_kernel): acc^T = M_e^T drop(x)^T
+    if HAS_DROPOUT:
+        acc = tl.zeros((R_PAD, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < L
@@ -68,9 +72,15 @@ def _grouped_pair_gemm_kernel(
         if HAS_DROPOUT:  # the same mask as the dense path: element (t, k) of x, offset t * K + k
             keep = _dropout_keep(seed, tok[:, None].to(tl.int64) * L + offs_l[None, :], dropout_p)
             x = tl.where(keep, x * dropout_scale, 0.0).to(X.dtype.element_ty)
-        m = tl.load(M + e * s_me + offs_l[:, None] * s_ml + cols[None, :] * s_mj,
-                    mask=l_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_L, R_PAD]
-        acc = _mma(x, m, acc, DOT_PRECISION, UPCAST)
+            m_t = tl.load(M + e * s_me + offs_l[None, :] * s_ml + cols[:, None] * s_mj,
+                          mask=l_ok[None, :] & c_ok[:, None], other=0.0)  # [R_PAD, BLOCK_L]
+            acc = _mma(m_t, tl.trans(x), acc, DOT_PRECISION, UPCAST)
+        else:
+            m = tl.load(M + e * s_me + offs_l[:, None] * s_ml + cols[None, :] * s_mj,
+                        mask=l_ok[:, None] & c_ok[None, :], other=0.0)  # [BLOCK_L, R_PAD]
+            acc = _mma(x, m, acc, DOT_PRECISION, UPCAST)
+    if HAS_DROPOUT:
+        acc = tl.trans(acc)
     mask = ok[:, None] & c_ok[None, :]
     ptrs = pair[:, None].to(tl.int64) * R + cols[None, :]
     coef = tl.load(W_PAIR + pair, mask=ok, other=0.0) * tl.load(SCALING + e)  # w_p * s_e

@@ -65,7 +65,13 @@ def _shrink_kernel(
     k_end = tl.minimum(k_begin + k_chunk, K)
     if HAS_DROPOUT:
         seed = tl.load(SEED)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    # With dropout the masked x tile is made in registers. As wgmma's A operand (read from registers) ptxas
+    # serializes the wgmma pipeline (C7515, sm_90a, Triton 3.6), so it goes in as the B operand, which is staged
+    # through shared memory: acc^T [BC, BM] = A_cat drop(x)^T, transposed once after the loop.
+    if HAS_DROPOUT:
+        acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_m[:, None] < T) & (offs_k[None, :] < k_end)
@@ -73,9 +79,15 @@ def _shrink_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, offs_m[:, None].to(tl.int64) * K + offs_k[None, :], dropout_p)
             x = tl.where(keep, x * dropout_scale, 0.0).to(X.dtype.element_ty)
-        a = tl.load(A + offs_c[None, :] * K + offs_k[:, None],
-                    mask=(offs_c[None, :] < C) & (offs_k[:, None] < k_end), other=0.0)  # [BK, BC]
-        acc = _mma(x, a, acc, DOT_PRECISION, UPCAST)
+            a = tl.load(A + offs_c[:, None] * K + offs_k[None, :],
+                        mask=(offs_c[:, None] < C) & (offs_k[None, :] < k_end), other=0.0)  # [BC, BK]
+            acc = _mma(a, tl.trans(x), acc, DOT_PRECISION, UPCAST)
+        else:
+            a = tl.load(A + offs_c[None, :] * K + offs_k[:, None],
+                        mask=(offs_c[None, :] < C) & (offs_k[:, None] < k_end), other=0.0)  # [BK, BC]
+            acc = _mma(x, a, acc, DOT_PRECISION, UPCAST)
+    if HAS_DROPOUT:
+        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, C)
     else:
@@ -112,7 +124,7 @@ def _dual_gemm_kernel(
 ):
     """out[m, n] = sum_k X1[m, k] M1[k, n] + d(m, n) * sum_c X2[m, c] M2[c, n] (+ bias[n]) (+ out[m, n]).
 
-    One K-loop over K1 then one over K2 = E * r, no concatenation in memory. M2's row c sits at
+    One K-loop over K2 = E * r, then one over K1, into one accumulator; no concatenation in memory. M2's row c sits at
     (c // R) * s_m2e + (c % R) * s_m2j: lora_B [E, N, r] (forward, as B_cat^T) or lora_A [E, r, K] (dx).
     d(m, n) = keep(m * N + n) / (1 - p) when DROPOUT_TERM2 (dx = dY W + drop'(dH A_cat)), else 1.
     """
@@ -129,7 +141,20 @@ def _dual_gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
 
+    # One fp32 accumulator for both terms (two would double the registers of a tile): the X2 M2 segment first,
+    # so that drop' can scale it while it is alone in the accumulator, then X1 M1 added into the same registers.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, K2, BLOCK_K2):
+        offs_c = c0 + tl.arange(0, BLOCK_K2)
+        c_ok = offs_c < K2
+        h = tl.load(X2 + offs_m[:, None] * s_x2m + offs_c[None, :] * s_x2k,
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        row = (offs_c // R) * s_m2e + (offs_c % R) * s_m2j
+        b = tl.load(M2 + row[:, None] + offs_n[None, :] * s_m2n, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _mma(h, b, acc, DOT_PRECISION, UPCAST)
+    if DROPOUT_TERM2:
+        keep = _dropout_keep(tl.load(SEED), offs_m[:, None].to(tl.int64) * N + offs_n[None, :], dropout_p)
+        acc = tl.where(keep, acc * dropout_scale, 0.0)
     if HAS_TERM1:
         for k0 in range(0, K1, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -139,20 +164,6 @@ def _dual_gemm_kernel(
             w = tl.load(M1 + offs_k[:, None] * s_m1k + offs_n[None, :] * s_m1n,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = _mma(x, w, acc, DOT_PRECISION, UPCAST)
-
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, K2, BLOCK_K2):
-        offs_c = c0 + tl.arange(0, BLOCK_K2)
-        c_ok = offs_c < K2
-        h = tl.load(X2 + offs_m[:, None] * s_x2m + offs_c[None, :] * s_x2k,
-                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        row = (offs_c // R) * s_m2e + (offs_c % R) * s_m2j
-        b = tl.load(M2 + row[:, None] + offs_n[None, :] * s_m2n, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        acc2 = _mma(h, b, acc2, DOT_PRECISION, UPCAST)
-    if DROPOUT_TERM2:
-        keep = _dropout_keep(tl.load(SEED), offs_m[:, None].to(tl.int64) * N + offs_n[None, :], dropout_p)
-        acc2 = tl.where(keep, acc2 * dropout_scale, 0.0)
-    acc += acc2
 
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -274,6 +285,22 @@ def _tn_gemm_kernel(
 
 
 @triton.jit
+def _tma_mma_loop(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, B_TRANS: tl.constexpr,
+                  NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """acc += A[off_m:, :K] op(B) for one output tile, pipelined over K in BLOCK_K steps through TMA descriptors:
+    op(B) = B^T read from B [N, K] when B_TRANS, else B [K, N]. Both segments of the dual GEMM run through it."""
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
+        a = a_desc.load([off_m, k0])
+        if B_TRANS:
+            b = b_desc.load([off_n, k0]).T
+        else:
+            b = b_desc.load([k0, off_n])
+        acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
 def _dual_gemm_tma_kernel(
     X1, M1, X2, M2, BIAS, OUT, SEED,
     M, N, K1, K2,
@@ -311,28 +338,17 @@ def _dual_gemm_tma_kernel(
         off_m = (first_m + (tile % group) % group_size) * BLOCK_M
         off_n = ((tile % group) // group_size) * BLOCK_N
 
+        # one accumulator, the LoRA segment first (see _dual_gemm_kernel): two would spill at 128x256 on sm_90a
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in tl.range(0, K1, BLOCK_K, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
-            a = x1_desc.load([off_m, k0])
-            if M_TRANS:
-                b = m1_desc.load([off_n, k0]).T
-            else:
-                b = m1_desc.load([k0, off_n])
-            acc = _mma(a, b, acc, DOT_PRECISION, UPCAST)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c0 in tl.range(0, K2, BLOCK_K2, num_stages=NUM_STAGES, warp_specialize=WARP_SPECIALIZE):
-            h = x2_desc.load([off_m, c0])
-            if M_TRANS:
-                b2 = m2_desc.load([off_n, c0]).T
-            else:
-                b2 = m2_desc.load([c0, off_n])
-            acc2 = _mma(h, b2, acc2, DOT_PRECISION, UPCAST)
+        acc = _tma_mma_loop(acc, x2_desc, m2_desc, off_m, off_n, K2, BLOCK_K2, M_TRANS, NUM_STAGES, WARP_SPECIALIZE,
+                            DOT_PRECISION, UPCAST)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         if DROPOUT_TERM2:
             offs_m = off_m + tl.arange(0, BLOCK_M)
             keep = _dropout_keep(seed, offs_m[:, None].to(tl.int64) * N + offs_n[None, :], dropout_p)
-            acc2 = tl.where(keep, acc2 * dropout_scale, 0.0)
-        acc += acc2
+            acc = tl.where(keep, acc * dropout_scale, 0.0)
+        acc = _tma_mma_loop(acc, x1_desc, m1_desc, off_m, off_n, K1, BLOCK_K, M_TRANS, NUM_STAGES, WARP_SPECIALIZE,
+                            DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         out_desc.store([off_m, off_n], acc.to(OUT.dtype.element_ty))
