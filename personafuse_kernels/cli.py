@@ -9,6 +9,7 @@ Bad arguments end with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from ._cliutil import EXIT_USAGE, ArgParser, UsageError, csv_list, writable_folder
@@ -126,6 +127,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- explain
+
+
+def cmd_explain(args) -> int:
+    from .perf import CARDS, calibration, explain
+
+    if args.calibration:
+        rows = calibration()
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        print("the cost model against the measured H200 rows (ratio to F.linear; required rows must be within 15 %)")
+        for r in rows:
+            T, K, N, E, rank = r["shape"]
+            mark = "ok" if r["within"] else "OFF"
+            print(f"  {r['provider']:<8}{r['mode']:<7} T={T:<6} {K}x{N} E={E:<3} measured {r['ratio']:6.2f}x  "
+                  f"predicted {r['predicted']:6.2f}x  {r['error']:+6.1%}  {mark}"
+                  + ("  (required)" if r["required"] else ""))
+        return 0
+    if args.shape is None:
+        raise UsageError("personafuse explain: --shape T,K,N,E,r[,k] is required (or --calibration)")
+    try:
+        dims = [int(v) for v in args.shape.split(",")]
+    except ValueError:
+        raise UsageError(f"personafuse explain: --shape {args.shape!r} must be integers T,K,N,E,r[,k]") from None
+    if len(dims) not in (5, 6) or min(dims) < 1:
+        raise UsageError(f"personafuse explain: --shape {args.shape!r} must be five or six positive integers")
+    if args.card not in CARDS:
+        raise UsageError(f"personafuse explain: unknown --card {args.card!r}; choose from {', '.join(CARDS)}")
+    T, K, N, E, r, *k = dims
+    try:
+        result = explain(T, K, N, E, r, k[0] if k else 0, args.dtype, args.backend, args.mode, args.card)
+    except ValueError as exc:
+        raise UsageError(f"personafuse explain: {exc}") from None
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -138,7 +177,7 @@ def cmd_demo(args, demo_argv) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = ArgParser(prog="personafuse", description="routed multi-adapter LoRA kernels: check, bench, demo")
+    parser = ArgParser(prog="personafuse", description="routed multi-adapter LoRA kernels: check, bench, explain, demo")
     parser.add_argument("--version", action="version", version=f"personafuse-kernels {__version__}")
     sub = parser.add_subparsers(dest="verb", parser_class=ArgParser)
     sub.add_parser("check", help="backends, build facts and a self-test of every available backend")
@@ -155,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--e2e", action="store_true", help="also time a Llama-style training step against the loop")
     b.add_argument("--no-plot", action="store_true")
     b.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser("explain", help="the kernels one call launches on a card, their cost, the predicted ratio")
+    x.add_argument("--shape", default=None, help="T,K,N,E,r[,k] (k: top-k gates)")
+    x.add_argument("--backend", default="triton", choices=["triton", "torch", "base", "stacked", "loop", "probe"])
+    x.add_argument("--mode", default="fwd", choices=["fwd", "bwd", "fwdbwd"])
+    x.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    x.add_argument("--card", default="H200", help="H100-SXM, H200 or A100-SXM-80GB")
+    x.add_argument("--json", action="store_true", help="the same as data (schema: docs/cost-model.md)")
+    x.add_argument("--calibration", action="store_true", help="the model against the measured H200 rows")
     sub.add_parser("demo", help="the PersonaFuse recipe end to end (options: personafuse demo --help)",
                    add_help=False)
     return parser
@@ -170,7 +217,7 @@ def main(argv=None) -> int:
         if args.verb is None:
             parser.print_help()
             return EXIT_USAGE
-        return {"check": cmd_check, "bench": cmd_bench}[args.verb](args)
+        return {"check": cmd_check, "bench": cmd_bench, "explain": cmd_explain}[args.verb](args)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_USAGE

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._extension import extension_error
-from .ops.launch_configs import token_bucket
+from .ops.launch_configs import simulated_card, token_bucket
 
 
 class Backend(NamedTuple):
@@ -49,8 +49,9 @@ def _cuda_unavailable() -> str | None:
 
 
 def interpreting() -> bool:
-    """Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, read when triton is imported), unless a
+    dry run simulates a GPU (ops.launch_configs.simulate_card): launchers then choose as on that GPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and simulated_card() is None
 
 
 def _triton_unavailable() -> str | None:
@@ -64,11 +65,11 @@ def _triton_unavailable() -> str | None:
 
 
 # topk_max_block: the torch reference ignores the metadata (16 keeps it small); Triton's grouped kernels tile 64
-# pairs, 16 under the interpreter, whose cost grows with the tile; csrc/topk's kMaxBlockPairs is 64.
+# pairs (16 under the interpreter, whose cost grows with the tile: topk_block_m); csrc/topk's kMaxBlockPairs is 64.
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", "routed_lora_torch", "routed_lora_topk_torch", 16, ("cpu", "cuda"), _ALL_FLOATS,
                      lambda: None),
-    "triton": Backend("triton", "routed_lora_triton", "routed_lora_topk_triton", 16 if interpreting() else 64,
+    "triton": Backend("triton", "routed_lora_triton", "routed_lora_topk_triton", 64,
                       ("cuda", "cpu") if interpreting() else ("cuda",), _ALL_FLOATS[:3], _triton_unavailable),
     "cuda": Backend("cuda", "routed_lora_cuda", "routed_lora_topk_cuda", 64, ("cuda",), _ALL_FLOATS[:3],
                     _cuda_unavailable),
@@ -151,7 +152,8 @@ def topk_block_m(name: str, T: int, k: int) -> int:
     capped at the backend's topk_max_block). A pure function of its arguments, so torch.compile traces it."""
     from .routing.topk import block_m_for
 
-    return block_m_for(T, k, BACKENDS[name].topk_max_block)
+    cap = 16 if name == "triton" and interpreting() else BACKENDS[name].topk_max_block
+    return block_m_for(T, k, cap)
 
 
 DEFAULT_TOPK_GROUPED_ABOVE = 360.0  # E * r / k above which grouped wins, from the cost model below

@@ -23,6 +23,8 @@ benchmarks/tune_triton.py). Nothing is tuned on the hot path; lookups are cached
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 from dataclasses import dataclass, fields, replace
@@ -31,6 +33,26 @@ from pathlib import Path
 TUNED_DIR = Path(__file__).with_name("triton_configs")
 SMALL_T = 64  # decode-sized batches: split-K shrink, narrow output tiles
 INTERPRETER = "interpreter"  # the device name under TRITON_INTERPRET=1 (few, large programs)
+
+
+_SIMULATED = contextvars.ContextVar("personafuse_simulated_card", default=None)
+
+
+@contextlib.contextmanager
+def simulate_card(device_name: str, sms: int):
+    """While active, the launchers pick configs, grids and splits as they would on this card (its name as
+    torch.cuda.get_device_name spells it, and its SM count), whatever tensors they get, and nothing counts as
+    running in Triton's interpreter: `personafuse explain` dry-runs the real launchers on meta tensors this way."""
+    token = _SIMULATED.set((device_name, int(sms)))
+    try:
+        yield
+    finally:
+        _SIMULATED.reset(token)
+
+
+def simulated_card() -> tuple[str, int] | None:
+    """(device name, SM count) of the card simulate_card set, or None."""
+    return _SIMULATED.get()
 
 
 def token_bucket(tokens: int) -> int:

@@ -132,7 +132,7 @@ def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Gem
     sms = num_sms(out.device)
     grid = (min(sms, cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)),)
     check_dot_tiles(cfg.block_m, cfg.block_n, cfg.block_k, cfg.block_k2)
-    if not interpreting():
+    if out.is_cuda:
         _set_tma_allocator()
     try:
         tk._dual_gemm_tma_kernel[grid](

@@ -8,7 +8,7 @@ import torch
 from triton import cdiv
 
 from ..dispatch import interpreting
-from .launch_configs import INTERPRETER, pow2, token_bucket
+from .launch_configs import INTERPRETER, pow2, simulated_card, token_bucket
 
 __all__ = ["cdiv", "check_dot_tiles", "config_key", "device_name", "dot_args", "num_sms", "pow2"]
 
@@ -39,6 +39,9 @@ def device_name(device: torch.device) -> str:
 def config_key(x: torch.Tensor, K: int, N: int, C: int) -> tuple:
     """The arguments after ``op`` of launch_configs.get_config for a call on x [T, ...]: the T bucket, the sizes,
     the device name (cached) and whether the interpreter runs the kernels."""
+    card = simulated_card()
+    if card is not None:
+        return token_bucket(x.shape[0]), K, N, C, card[0], False
     interpret = interpreting()
     name = INTERPRETER if interpret or x.device.type != "cuda" else device_name(x.device)
     return token_bucket(x.shape[0]), K, N, C, name, interpret
@@ -46,7 +49,10 @@ def config_key(x: torch.Tensor, K: int, N: int, C: int) -> tuple:
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of the device (cached per device, not looked up per call); 4 off a GPU (the
-    interpreter: few, large programs)."""
+    interpreter: few, large programs); the simulated card's count during a dry run."""
+    card = simulated_card()
+    if card is not None:
+        return card[1]
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,231 @@
+"""`personafuse explain`: the kernels one call launches, what each costs on a card, and the predicted ratio to the
+base F.linear, from a dry run of the real launchers on meta tensors (perf/dryrun.py) and the roofline of
+perf/costs.py.
+
+    explain(T, K, N, E, r, k=0, dtype="bf16", backend="triton", mode="fwd", card="H200") -> Explanation
+
+backend: this package's "triton" or "torch", or the providers it is compared with: "base" (F.linear alone),
+"stacked" (two cuBLAS GEMMs and an elementwise gate, autograd), "loop" (the per-expert loop, as peft's X-LoRA),
+"probe" (the one-accumulator TMA fused GEMM of the H200 calibration: the triton forward's dual GEMM alone).
+mode: "fwd", "bwd" or "fwdbwd" (W frozen: gradients of x, lora_A, lora_B and the gates), the words of
+`personafuse bench`. The JSON form (Explanation.to_json) is documented in docs/cost-model.md.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cards import Card
+from .cards import card as get_card
+from .costs import ASSUMPTIONS, aten_cost, host_time_ms, launch_time_ms, timeline_ms, triton_cost
+from .dryrun import Launch, recording
+
+BACKENDS = ("triton", "torch", "base", "stacked", "loop", "probe")
+MODES = ("fwd", "bwd", "fwdbwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCHEMA = 1
+
+
+@dataclass
+class KernelRow:
+    phase: str  # fwd or bwd
+    source: str  # triton or aten
+    name: str
+    grid: list
+    config: dict
+    kind: str
+    gflop: float
+    mbytes: float
+    ms: float
+    host_ms: float
+
+
+@dataclass
+class Explanation:
+    schema: int
+    card: str
+    backend: str
+    mode: str
+    dtype: str
+    shape: dict
+    kernels: list = field(default_factory=list)
+    gpu_ms: float = 0.0
+    host_ms: float = 0.0
+    total_ms: float = 0.0
+    base_ms: float = 0.0
+    ratio: float = 0.0
+    bound: str = ""  # "gpu" (the GPU is busy at least 90 % of the call) or "host"
+    assumptions: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    def table(self) -> str:
+        s = self.shape
+        top = f" top-{s['k']}" if s["k"] else ""
+        lines = [f"{self.backend} {self.mode} on {self.card}, {self.dtype}: T={s['T']} K={s['K']} N={s['N']} "
+                 f"E={s['E']} r={s['r']}{top}",
+                 f"{'#':>3} {'phase':<5} {'kernel':<28} {'grid':<16} {'GFLOP':>8} {'MB':>8} {'ms':>8}  config"]
+        for i, k in enumerate(self.kernels):
+            cfg = " ".join(f"{key}={val}" for key, val in k.config.items())
+            lines.append(f"{i + 1:>3} {k.phase:<5} {k.name[:28]:<28} {str(tuple(k.grid)) if k.grid else '-':<16} "
+                         f"{k.gflop:>8.2f} {k.mbytes:>8.1f} {k.ms:>8.4f}  {cfg[:70]}")
+        lines.append(f"GPU busy {self.gpu_ms:.4f} ms, host {self.host_ms:.4f} ms -> {self.total_ms:.4f} ms "
+                     f"({self.bound}-bound); base F.linear {self.base_ms:.4f} ms; predicted ratio {self.ratio:.2f}x")
+        return "\n".join(lines)
+
+
+def _inputs(T, K, N, E, r, k, dtype, grads: bool):
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(T, K, **meta, requires_grad=grads)
+    W = torch.empty(N, K, **meta)
+    b = torch.empty(N, **meta)
+    A = torch.empty(E, r, K, **meta, requires_grad=grads)
+    B = torch.empty(E, N, r, **meta, requires_grad=grads)
+    if k:
+        gates = (torch.empty(T, k, device="meta", dtype=torch.int64),
+                 torch.empty(T, k, device="meta", dtype=torch.float32, requires_grad=grads))
+    else:
+        gates = torch.empty(T, E, device="meta", dtype=torch.float32, requires_grad=grads)
+    scaling = torch.empty(E, device="meta", dtype=torch.float32)
+    return x, W, b, A, B, gates, scaling
+
+
+def _autograd_provider(fn, inputs, mode, card, k):
+    """A provider written with torch ops: forward under the recorder, then backward through autograd."""
+    x, W, b, A, B, gates, scaling = inputs
+    if k:
+        from ..routing.topk import dense_gates
+
+        g = dense_gates(gates[0], gates[1], A.shape[0])
+    else:
+        g = gates
+    out = []
+    with recording(card, triton=False) as fwd:
+        y = fn(x, W, b, A, B, g, scaling)
+    if mode in ("fwd", "fwdbwd"):
+        out += [("fwd", launch) for launch in fwd]
+    if mode in ("bwd", "fwdbwd"):
+        dy = torch.empty_like(y)
+        with recording(card, triton=False) as bwd:
+            y.backward(dy)
+        out += [("bwd", launch) for launch in bwd]
+    return out
+
+
+def _backend_provider(name: str, inputs, mode, card, k, needs):
+    """This package's backend modules, called as RoutedLoRAFunction / RoutedLoRATopKFunction call them."""
+    from ..dispatch import get_backend_ops, topk_block_m
+    from ..routing.topk import build_routing_metadata
+
+    x, W, b, A, B, gates, scaling = inputs
+    seed = torch.empty(0, device="meta", dtype=torch.int64)
+    out = []
+    with recording(card) as fwd:
+        if k:
+            indices, weights = gates
+            meta = build_routing_metadata(indices, A.shape[0], topk_block_m(name, *indices.shape))
+            ops = get_backend_ops(name, topk=True)
+            y, saved = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0, meta)
+        else:
+            ops = get_backend_ops(name)
+            y, saved = ops.forward(x, W, b, A, B, gates, scaling, seed, 1, 0.0)
+    if mode in ("fwd", "fwdbwd"):
+        out += [("fwd", launch) for launch in fwd]
+    if mode in ("bwd", "fwdbwd"):
+        dy = torch.empty_like(y)
+        with recording(card) as bwd:
+            if k:
+                ops.backward(dy, x, W, A, B, indices, weights, scaling, seed, saved, 0.0, meta, needs)
+            else:
+                ops.backward(dy, x, W, A, B, gates, scaling, seed, saved, 1, 0.0, needs)
+        out += [("bwd", launch) for launch in bwd]
+    return out
+
+
+def dry_run(T: int, K: int, N: int, E: int, r: int, k: int = 0, dtype: str = "bf16", backend: str = "triton",
+            mode: str = "fwd", card: str | Card = "H200") -> list[tuple[str, Launch]]:
+    """(phase, Launch) of every kernel one call launches, in order, as on `card`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    c = get_card(card) if isinstance(card, str) else card
+    grads = mode != "fwd"
+    inputs = _inputs(T, K, N, E, r, k, DTYPES[dtype], grads)
+    from ..autograd import Needs
+
+    needs = Needs(x=True, weight=False, bias=False, lora_A=True, lora_B=True, gates=True)
+    if backend == "base":
+        return _autograd_provider(lambda x, W, b, A, B, g, s: torch.nn.functional.linear(x, W, b), inputs, mode, c, k)
+    if backend == "stacked":
+        from ..bench.providers import stacked_lora
+
+        return _autograd_provider(stacked_lora, inputs, mode, c, k)
+    if backend == "loop":
+        from ..bench.providers import loop_lora
+
+        return _autograd_provider(loop_lora, inputs, mode, c, k)
+    if backend == "probe":
+        if k or mode != "fwd":
+            raise ValueError("the TMA probe is a dense forward GEMM: backend='probe' takes k=0 and mode='fwd'")
+        rows = _backend_provider("triton", inputs, "fwd", c, 0, needs)
+        return [(p, launch) for p, launch in rows if launch.name in ("_dual_gemm_tma_kernel", "_dual_gemm_kernel")]
+    return _backend_provider(backend, inputs, mode, c, k, needs)
+
+
+def _row(phase: str, launch: Launch, c: Card, dtype_bytes: int) -> KernelRow:
+    cost = triton_cost(launch, c) if launch.source == "triton" else aten_cost(launch)
+    config = dict(launch.options)
+    if launch.source == "triton":
+        config.update({key: v for key, v in launch.args.items() if key.isupper() and not isinstance(v, torch.Tensor)
+                       and key.startswith(("BLOCK", "SPLIT", "GROUP", "NUM", "EPI", "MODE", "Q_MODE", "HAS", "WARP",
+                                           "EXPERTS", "R_PAD", "M_TRANS", "DROPOUT"))})
+    return KernelRow(phase, launch.source, launch.name, list(launch.grid), config, cost.kind, cost.flops / 1e9,
+                     cost.bytes / 1e6, launch_time_ms(cost, c, dtype_bytes), host_time_ms(launch, phase == "bwd"))
+
+
+def explain(T: int, K: int, N: int, E: int, r: int, k: int = 0, dtype: str = "bf16", backend: str = "triton",
+            mode: str = "fwd", card: str = "H200") -> Explanation:
+    """The kernels of one call on `card`, their costs, and the predicted ratio to F.linear in the same mode."""
+    c = get_card(card)
+    dtype_bytes = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    rows = [_row(p, launch, c, dtype_bytes) for p, launch in dry_run(T, K, N, E, r, k, dtype, backend, mode, c)]
+    # base, stacked and loop run backward through autograd's engine; our backends' backward is one autograd node
+    # whose launches are issued by its own Python
+    total, gpu, host = timeline_ms(rows, autograd_backward=backend in ("base", "stacked", "loop"))
+    if backend == "base":
+        base = total
+    else:
+        base_mode = "fwd" if backend == "probe" else mode
+        base = explain(T, K, N, E, r, 0, dtype, "base", base_mode, card).total_ms
+    return Explanation(SCHEMA, c.key, backend, mode, dtype, {"T": T, "K": K, "N": N, "E": E, "r": r, "k": k}, rows,
+                       gpu, host, total, base, total / base if base else float("nan"),
+                       "gpu" if gpu >= 0.9 * total else "host",
+                       dict(ASSUMPTIONS))
+
+
+# ------------------------------------------------------------------ calibration against measured rows
+
+ANCHORS_FILE = Path(__file__).resolve().parents[1] / "data" / "h200_anchors.json"
+
+
+def anchors() -> list[dict]:
+    """The measured H200 rows the model is held to: provider, mode, shape, measured ratio to F.linear."""
+    return json.loads(ANCHORS_FILE.read_text())["rows"]
+
+
+def calibration(tolerance: float = 0.15) -> list[dict]:
+    """Each anchor row beside the model's ratio for it, the relative error, and whether it is within tolerance."""
+    out = []
+    for row in anchors():
+        T, K, N, E, r = row["shape"]
+        got = explain(T, K, N, E, r, 0, "bf16", row["provider"], row["mode"], row["card"]).ratio
+        err = got / row["ratio"] - 1.0
+        out.append({**row, "predicted": round(got, 3), "error": round(err, 3), "within": abs(err) <= tolerance})
+    return out

@@ -1,0 +1,153 @@
+"""personafuse explain: the cost model earns trust on measured rows before it predicts, and its kernel lists are
+held to hand-written golden lists and to real runs of the same launchers in Triton's interpreter."""
+import json
+
+import pytest
+import torch
+from helpers import make_inputs
+
+import personafuse_kernels as pfk
+from personafuse_kernels.perf import calibration, dry_run, explain
+from personafuse_kernels.perf.cards import CARDS
+from personafuse_kernels.perf.dryrun import recording
+
+triton_only = pytest.mark.skipif("triton" not in pfk.available_backends(), reason="triton backend unavailable")
+
+# Required anchor rows the model does not reproduce within 15 %, each with its reason in docs/cost-model.md. A row
+# that starts or stops missing fails here, so the documentation follows the model.
+KNOWN_OFF = {("stacked", "fwdbwd", 4096)}
+
+
+def test_model_reproduces_the_measured_h200_rows():
+    rows = calibration()
+    required = [r for r in rows if r["required"]]
+    assert {(r["provider"], r["mode"], r["shape"][0]) for r in required} == {
+        ("stacked", "fwd", 4096), ("stacked", "fwd", 16384), ("stacked", "fwdbwd", 4096),
+        ("stacked", "fwdbwd", 16384), ("probe", "fwd", 4096), ("probe", "fwd", 16384)}
+    off = {(r["provider"], r["mode"], r["shape"][0]) for r in required if not r["within"]}
+    assert off == KNOWN_OFF, [(r["provider"], r["mode"], r["shape"], r["ratio"], r["predicted"]) for r in required]
+    # the providers' other rows (T = 16, other projections, the loop) are reported by `personafuse explain
+    # --calibration`; at least half of the stacked ones hold too
+    stacked = [r for r in rows if r["provider"] == "stacked"]
+    assert sum(r["within"] for r in stacked) >= len(stacked) // 2
+
+
+def names(launches, source="triton"):
+    return [launch.name for _, launch in launches if launch.source == source]
+
+
+# Golden lists, written from the design (docs/design.md), not from the code: a launch that appears or disappears
+# fails. Shapes: K = N = 4096, E = 10, r = 16 dense; E = 64, top-2 grouped.
+GOLDEN = {
+    ("dense", "fwd", 4096, "H200"): (["_shrink_kernel", "_dual_gemm_tma_kernel"], ["clone"]),  # clone: B_cat
+    ("dense", "fwd", 16, "H200"): (["_shrink_kernel", "_shrink_finalize_kernel", "_dual_gemm_kernel"], []),
+    ("dense", "fwd", 4096, "A100-SXM-80GB"): (["_shrink_kernel", "_dual_gemm_kernel"], []),
+    ("dense", "bwd", 4096, "H200"): (["_dhg_kernel", "_tn_gemm_kernel", "_tn_gemm_kernel", "_dual_gemm_tma_kernel"],
+                                     ["sum", "_to_copy", "clone", "zeros", "_to_copy"]),
+    ("dense", "bwd", 16, "H200"): (["_dhg_kernel", "_tn_gemm_kernel", "_tn_gemm_kernel", "_dual_gemm_kernel"],
+                                   ["zeros", "_to_copy", "clone", "zeros", "_to_copy"]),
+    ("topk", "fwd", 8192, "H200"): (["_grouped_pair_gemm_kernel", "_grouped_expand_kernel", "_grouped_expand_kernel"],
+                                    None),
+    ("topk", "bwd", 8192, "H200"): (["_grouped_pair_gemm_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel",
+                                     "_grouped_expand_kernel", "_grouped_expand_kernel"],
+                                    ["zeros_like", "zeros", "_to_copy", "_to_copy", "mm"]),  # mm: dx = dY W
+}
+
+
+@triton_only
+@pytest.mark.parametrize("key", list(GOLDEN))
+def test_kernel_lists_match_the_golden_lists(key):
+    path, mode, T, card = key
+    E, k = (64, 2) if path == "topk" else (10, 0)
+    launches = dry_run(T, 4096, 4096, E, 16, k, "bf16", "triton", mode, card)
+    phase = [(p, launch) for p, launch in launches if p == mode]
+    triton_golden, aten_golden = GOLDEN[key]
+    assert names(phase) == triton_golden
+    if aten_golden is not None:
+        assert names(phase, "aten") == aten_golden
+    else:  # top-k forward: the routing metadata, built with torch ops, then the base GEMM, then the grouped kernels
+        aten = names(phase, "aten")
+        assert len(aten) >= 20 and aten[-1] == "addmm" and phase[len(aten) - 1][1].name == "addmm"
+
+
+@triton_only
+def test_production_configs_reach_the_launch():
+    launches = dict((launch.name, launch) for _, launch in dry_run(4096, 4096, 4096, 10, 16, 0, "bf16", "triton",
+                                                                    "fwd", "H200"))
+    tma = launches["_dual_gemm_tma_kernel"]
+    assert (tma.args["BLOCK_M"], tma.args["BLOCK_N"], tma.args["BLOCK_K"]) == (128, 256, 64)
+    assert tma.grid == (CARDS["H200"].sms,) and tma.options["num_warps"] == 8
+    assert launches["_shrink_kernel"].grid == (64, 2, 1)  # 4096 / 64 row blocks, 160 columns in 128-wide tiles
+
+
+def _real_run(T, E, k, mode, card):
+    """The Triton launchers on real CPU tensors in the interpreter, launches recorded on their way through."""
+    from personafuse_kernels.autograd import Needs
+    from personafuse_kernels.dispatch import get_backend_ops, topk_block_m
+    from personafuse_kernels.routing.topk import build_routing_metadata
+
+    torch.manual_seed(0)
+    K, N, r = 64, 48, 8
+    inputs = make_inputs(T, K, N, E, r, dtype=torch.float32)
+    x, W, b, A, B = (inputs[n].detach() for n in ("x", "weight", "bias", "lora_A", "lora_B"))
+    scaling = torch.full((E,), 2.0)
+    seed = torch.empty(0, dtype=torch.int64)
+    needs = Needs(True, False, False, True, True, True)
+    out = []
+    with recording(CARDS[card], aten=False, passthrough=True) as launches:
+        if k:
+            top = torch.softmax(torch.randn(T, E), -1).topk(k)
+            indices, weights = top.indices, top.values
+            meta = build_routing_metadata(indices, E, topk_block_m("triton", T, k))
+            ops = get_backend_ops("triton", topk=True)
+            y, saved = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0, meta)
+            if mode == "bwd":
+                launches.clear()
+                ops.backward(torch.randn_like(y), x, W, A, B, indices, weights, scaling, seed, saved, 0.0, meta, needs)
+        else:
+            gates = torch.softmax(torch.randn(T, E), -1)
+            ops = get_backend_ops("triton")
+            y, saved = ops.forward(x, W, b, A, B, gates, scaling, seed, 1, 0.0)
+            ref, _ = get_backend_ops("torch").forward(x, W, b, A, B, gates, scaling, seed, 1, 0.0)
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)  # production tiles, real numbers
+            if mode == "bwd":
+                launches.clear()
+                ops.backward(torch.randn_like(y), x, W, A, B, gates, scaling, seed, saved, 1, 0.0, needs)
+        out = [(launch.name, launch.grid) for launch in launches]
+    return out
+
+
+@triton_only
+@pytest.mark.parametrize("T,E,k,mode,card", [(80, 3, 0, "fwd", "H200"), (80, 3, 0, "bwd", "H200"),
+                                             (16, 3, 0, "fwd", "H200"), (80, 3, 0, "fwd", "A100-SXM-80GB"),
+                                             (80, 6, 2, "fwd", "H200"), (80, 6, 2, "bwd", "H200")])
+def test_dry_run_matches_a_real_run_in_the_interpreter(T, E, k, mode, card):
+    """The same launchers on meta tensors (explain) and on real tensors (the interpreter, production configs of
+    the card forced): the same kernels, in the same order, on the same grids."""
+    real = _real_run(T, E, k, mode, card)
+    dry = [(launch.name, launch.grid) for p, launch in dry_run(T, 64, 48, E, 8, k, "fp32", "triton", mode, card)
+           if launch.source == "triton" and p == mode]
+    assert real == dry
+
+
+def test_explain_json_and_table():
+    result = explain(4096, 4096, 4096, 10, 16, backend="stacked", mode="fwdbwd")
+    data = json.loads(result.to_json())
+    assert set(data) >= {"schema", "card", "backend", "mode", "dtype", "shape", "kernels", "gpu_ms", "host_ms",
+                         "total_ms", "base_ms", "ratio", "bound", "assumptions"}
+    assert data["kernels"] and set(data["kernels"][0]) == {"phase", "source", "name", "grid", "config", "kind",
+                                                           "gflop", "mbytes", "ms", "host_ms"}
+    assert data["ratio"] > 1.0 and "predicted ratio" in result.table()
+    with pytest.raises(ValueError, match="unknown card"):
+        explain(16, 64, 64, 2, 4, card="B200")
+
+
+def test_explain_cli(capsys):
+    from personafuse_kernels.cli import main
+
+    assert main(["explain", "--shape", "4096,4096,4096,10,16", "--backend", "stacked", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "stacked"
+    assert main(["explain", "--shape", "4096,4096"]) == 2
+    assert "five or six" in capsys.readouterr().err
+    assert main(["explain", "--calibration"]) == 0
+    assert "required" in capsys.readouterr().out
