@@ -240,7 +240,8 @@ def test_python_limits_match_the_cuda_sources():
     import re
     from pathlib import Path
 
-    from personafuse_kernels.ops import routed_lora_cuda, routed_lora_topk_cuda
+    from personafuse_kernels.dispatch import BACKENDS
+    from personafuse_kernels.ops import routed_lora_cuda
 
     csrc = Path(__file__).resolve().parents[1] / "csrc"
     text = (csrc / "include" / "pfk_lora.h").read_text() + (csrc / "topk" / "topk_block.cuh").read_text()
@@ -251,4 +252,4 @@ def test_python_limits_match_the_cuda_sources():
     assert const("kTensorCoreMaxRank") == routed_lora_cuda.TENSOR_CORE_MAX_RANK
     assert const("kDecodeMaxTokens") == routed_lora_cuda.DECODE_MAX_TOKENS
     assert const("kDecodeMaxWidth") == routed_lora_cuda.DECODE_MAX_WIDTH
-    assert const("kMaxBlockPairs") == routed_lora_topk_cuda.MAX_BLOCK_M
+    assert const("kMaxBlockPairs") == BACKENDS["cuda"].topk_max_block

@@ -87,7 +87,8 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
             gate_ops=TorchGateOps):
     """Returns (y [T, N], H [T, E*r]); H is kept for backward."""
     H, Hg = gate_ops.shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)  # [T, E*r] each
-    y = torch.addmm(F.linear(x, weight, bias), Hg, _b_cat(lora_B).t())  # [T, N]
+    # in place into the fresh base output: an out-of-place addmm would copy y first, then read and write it again
+    y = F.linear(x, weight, bias).addmm_(Hg, _b_cat(lora_B).t())  # [T, N]
     return y, H
 
 
@@ -110,8 +111,10 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
         dA = (dH.t() @ apply_dropout(x, seed, dropout_p)).view(E, r, K)  # [E, r, K]
     dx = dy.new_empty(0)
     if need_dx:
-        dx_lora = dH @ lora_A.reshape(E * r, K)  # [T, K]
-        dx = torch.addmm(apply_dropout(dx_lora, seed, dropout_p), dy, weight)  # drop'(.) uses the same mask
+        if dropout_p > 0.0:  # drop'(dH A_cat) needs the LoRA term on its own: masked, then added in place
+            dx = apply_dropout(dH @ lora_A.reshape(E * r, K), seed, dropout_p).addmm_(dy, weight)  # same mask
+        else:  # no [T, K] LoRA term materialized: accumulated in place into dY W
+            dx = (dy @ weight).addmm_(dH, lora_A.reshape(E * r, K))
     dW, db = base_weight_grads(dy, x, need_dW, need_db)
     dg = dgates.to(gates.dtype) if need_dg else gates.new_empty(0)
     return dx, dW, db, dA, dB, dg

@@ -71,7 +71,7 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     split = max(1, min(split, cdiv(K, cfg.block_k)))
     partial = x.new_empty((split, T, C), dtype=torch.float32) if split > 1 else H
     scale = 1.0 / (1.0 - dropout_p)
-    grid = (cdiv(T, cfg.block_m), cdiv(C, cfg.block_c), split)
+    grid = (cdiv(C, cfg.block_c), cdiv(T, cfg.block_m), split)  # C tiles of a row block adjacent
     check_dot_tiles(cfg.block_m, cfg.block_c, cfg.block_k)
     tk._shrink_kernel[grid](
         x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
@@ -243,7 +243,7 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: DhgConfig):
     r_pad = pow2(r)
     # whole experts per tile, about 64 columns, never fewer than 16 (tl.dot), masked past E
     experts_per_block = max(min(pow2(E), max(1, 64 // r_pad)), cdiv(16, r_pad))
-    grid = (cdiv(T, cfg.block_m), cdiv(E, experts_per_block))
+    grid = (cdiv(E, experts_per_block), cdiv(T, cfg.block_m))  # expert blocks of a row block adjacent
     check_dot_tiles(cfg.block_m, cfg.block_n, experts_per_block * r_pad)
     tk._dhg_kernel[grid](
         dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,

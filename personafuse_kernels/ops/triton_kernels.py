@@ -55,8 +55,10 @@ def _shrink_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """H[t, c] = sum_k drop(x)[t, k] A_cat[c, k]. x [T, K], A_cat [C, K] contiguous; H, Hg [T, C]."""
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # the C tiles of one row block are adjacent in launch order (axis 0), so they run together and x's rows are
+    # read from DRAM once, then from L2
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -188,8 +190,8 @@ def _dhg_kernel(
     Columns are laid out as EXPERTS_PER_BLOCK experts x R_PAD (r rounded up to a power of two), so the
     per-expert reduction is a reshape and a sum inside the tile, for any r.
     """
-    pid_m = tl.program_id(0)
-    pid_e = tl.program_id(1)
+    pid_e = tl.program_id(0)  # expert blocks of one row block adjacent: dY's rows read from DRAM once
+    pid_m = tl.program_id(1)
     BLOCK_C: tl.constexpr = EXPERTS_PER_BLOCK * R_PAD
     C = E * R
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -6,7 +6,8 @@
 
 - flops: the MMA work the kernel does, padding included (a 160-wide C tiled by 128 does 256 columns of work);
 - bytes: DRAM traffic. An operand that fits a quarter of L2 is read from DRAM once; a larger one once per
-  program tile that reads it when those tiles run far apart in launch order (the shrink's C tiles), else once;
+  program tile that reads it when those tiles run far apart in launch order, once when they are adjacent (the
+  shrink's C tiles and dHg's expert blocks of one row block are: grid axis 0);
 - wave_eff: tiles / (waves * slots) for the big GEMMs (a partial last wave still takes a whole wave);
 - gap: the GPU's idle time between two dependent kernels of one stream;
 - host time: what the CPU spends issuing each launch (Python, the dispatcher, autograd's engine); a stretch of
@@ -118,12 +119,11 @@ def triton_cost(launch: Launch, card: Card) -> Cost:
     if n == "_shrink_kernel":
         T, K = _shape(a["X"])
         C = a["C"]
-        gm, gc, split = launch.grid
+        gc, gm, split = launch.grid  # C tiles of one row block adjacent: x read from DRAM once
         e = _elt(a["X"])
         flops = 2.0 * gm * a["BLOCK_M"] * gc * a["BLOCK_C"] * K
-        x_reads = 1 if _fits_l2(T * K * e, card) else gc  # C tiles of one row block launch far apart
         out = split * T * C * 4 if split > 1 else 2 * T * C * e
-        return Cost(flops, x_reads * T * K * e + C * K * e + out, "triton_small")
+        return Cost(flops, T * K * e + C * K * e + out, "triton_small")
     if n == "_shrink_finalize_kernel":
         T, C = a["T"], a["C"]
         return Cost(0.0, a["SPLIT_K"] * T * C * 4 + 2 * T * C * _elt(a["H"]), "stream")
@@ -147,12 +147,11 @@ def triton_cost(launch: Launch, card: Card) -> Cost:
         return Cost(flops, bytes_, kind, waves)
     if n == "_dhg_kernel":
         T, N = _shape(a["DY"])
-        ge = launch.grid[1]
+        ge = launch.grid[0]  # expert blocks of one row block adjacent: dY read from DRAM once
         width = a["EXPERTS_PER_BLOCK"] * a["R_PAD"]
         e = _elt(a["DY"])
-        dy_reads = 1 if _fits_l2(T * N * e, card) else ge
         C = _shape(a["H"])[1]
-        return Cost(2.0 * T * N * ge * width, dy_reads * T * N * e + _nbytes(a["B"]) + 2 * T * C * e + T * a["E"] * 4,
+        return Cost(2.0 * T * N * ge * width, T * N * e + _nbytes(a["B"]) + 2 * T * C * e + T * a["E"] * 4,
                     "triton_small")
     if n == "_tn_gemm_kernel":
         T, I = _shape(a["P"])
