@@ -50,15 +50,36 @@ _NO_KERNEL = {
 }
 
 
+class Recording(list):
+    """The launches of a dry run, in order; .allocations names the aten op behind each new tensor storage the run
+    created (per-call allocations: outputs, workspaces, zero-filled buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocations: list[str] = []
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
 class _AtenRecorder(TorchDispatchMode):
-    def __init__(self, launches: list):
+    def __init__(self, launches: Recording):
         super().__init__()
         self.launches = launches
+        self.seen: set[int] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for t in _flat(list(args) + list(kwargs.values())):
+            if isinstance(t, torch.Tensor):
+                self.seen.add(_storage_id(t))
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        for t in _flat([out]):
+            if isinstance(t, torch.Tensor) and _storage_id(t) not in self.seen:
+                self.seen.add(_storage_id(t))
+                self.launches.allocations.append(name)
         if name.endswith("_") and name not in ("copy_", "zero_", "fill_", "add_", "mul_", "addmm_", "index_put_"):
             base = name.rstrip("_")
         else:
@@ -140,9 +161,10 @@ def record_triton(launches: list, passthrough: bool = False):
 
 @contextlib.contextmanager
 def recording(card: Card | None, *, triton: bool = True, aten: bool = True, passthrough: bool = False):
-    """Yields a list that fills with the launches of whatever runs inside: Triton kernels (if triton) and aten ops
-    (if aten), with the launchers choosing as on `card` (None: as on this machine)."""
-    launches: list = []
+    """Yields a Recording that fills with the launches of whatever runs inside: Triton kernels (if triton) and aten
+    ops (if aten, which also counts the allocations), with the launchers choosing as on `card` (None: as on this
+    machine)."""
+    launches = Recording()
     with contextlib.ExitStack() as stack:
         if card is not None:
             stack.enter_context(simulate_card(card.device_name, card.sms))

@@ -21,11 +21,13 @@ from torch import Tensor
 class TopKGates:
     """indices [..., k] (int64, each token's k distinct experts), weights [..., k] (float, carry gradients).
 
-    validate=True (the default for user-made gates) checks dtypes, shapes, range and duplicates on the Python
-    side before any kernel runs; that check reads the indices, so on a GPU it synchronizes once. It is remembered
-    for these very indices (the same tensor, not modified in place since) and the largest index seen, so reusing
-    the gates skips it, while a layer with fewer experts, or indices changed in place, checks again. Routers make
-    their gates with validate=False (top-k of a softmax is valid by construction): those are trusted as they are.
+    validate=True (the default for user-made gates) checks dtypes, shapes, range and duplicates before any kernel
+    runs: on the host for CPU tensors; on a GPU as device-side asserts (no host sync; a failure is raised by the
+    next synchronizing call), or on the host with validate_now(E), which syncs once and names the bad values. The
+    check is remembered for these very indices (the same tensor, not modified in place since) and the largest
+    index seen, so reusing the gates skips it, while a layer with fewer experts, or indices changed in place,
+    checks again. Routers make their gates with validate=False (top-k of a softmax is valid by construction):
+    those are trusted as they are.
     """
 
     __slots__ = ("indices", "weights", "trusted", "_checked")
@@ -66,16 +68,30 @@ class TopKGates:
             raise ValueError(f"top-k with k = {idx.shape[-1]} > E = {num_experts} experts")
         if self.trusted or idx.numel() == 0 or idx.device.type == "meta":  # meta tensors have no values to check
             return
-        if torch.compiler.is_compiling():  # no host sync inside a graph: the same checks as device-side asserts
-            ok = (idx >= 0).all() & (idx < num_experts).all()
-            torch._assert_async(ok, "TopKGates indices out of range [0, num_experts)")
-            if idx.shape[-1] > 1:
-                s = idx.sort(dim=-1).values
-                torch._assert_async(~(s[..., 1:] == s[..., :-1]).any(), "TopKGates indices repeat an expert")
+        if torch.compiler.is_compiling():  # no host sync inside a graph
+            self._device_checks(num_experts)
             return
         if self._checked_for(num_experts):
             return
-        lo, hi = int(idx.min()), int(idx.max())  # one host sync, here and only here
+        if idx.is_cuda:  # no host sync on a GPU: device-side asserts, raised by the next synchronizing call
+            self._device_checks(num_experts)
+            self._checked = (weakref.ref(idx), idx._version, num_experts - 1)
+            return
+        self.validate_now(num_experts)
+
+    def _device_checks(self, num_experts: int) -> None:
+        idx = self.indices
+        ok = (idx >= 0).all() & (idx < num_experts).all()
+        torch._assert_async(ok, "TopKGates indices out of range [0, num_experts)")
+        if idx.shape[-1] > 1:
+            s = idx.sort(dim=-1).values
+            torch._assert_async(~(s[..., 1:] == s[..., :-1]).any(), "TopKGates indices repeat an expert")
+
+    def validate_now(self, num_experts: int) -> None:
+        """The range and duplicate checks on the host, with messages that name the bad values: one host sync on a
+        GPU (check() uses device-side asserts there instead, to keep the call free of syncs)."""
+        idx = self.indices
+        lo, hi = int(idx.min()), int(idx.max())  # the host sync
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"TopKGates indices must be in [0, {num_experts}); got values from {lo} to {hi}")
         if idx.shape[-1] > 1:
