@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #ifdef PFK_CUDA_EMULATION
 #include "pfk_emu_torch.h"  // CUDAGuard and the current stream, stood in for on the CPU
@@ -389,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> topk_pair_gemm(int mode, const at::Tensor& X,
     check_low_precision_operands(X, {&*H}, op);
     a.H = H->data_ptr();
     first = at::empty({P, r}, X.options());
-    second = at::empty({P}, w_pair.options());
+    second = at::zeros({P}, w_pair.options());  // a pair in no group (index -1: no adapter) keeps dw = 0
     a.out = first.data_ptr();
     a.dw = second.data_ptr<float>();
   }

@@ -222,12 +222,12 @@ class RoutedLoRATopKFunction(torch.autograd.Function):
         # forward's inputs: x, weight, bias, lora_A, lora_B, indices (no gradient), weights, then constants
         needs = Needs.of(ctx, gates_at=6)
         if torch.is_grad_enabled() and not _compiling():  # create_graph=True: see RoutedLoRAFunction.backward
-            from .routing.topk import dense_gates
+            from .routing.topk import dense_gates, slot_values
 
             dense = dense_gates(indices, weights, lora_A.shape[0])  # [T, E]
             dx, dW, db, dA, dB, dg = differentiable_backward(dy, x, weight, lora_A, lora_B, dense, scaling, seed, 1,
                                                              ctx.dropout_p, needs)
-            grads = (dx, dW, db, dA, dB, dg.gather(1, indices) if needs.gates else None)
+            grads = (dx, dW, db, dA, dB, slot_values(dg, indices) if needs.gates else None)
         else:
             op = torch.ops.personafuse.routed_lora_topk_backward if _compiling() else routed_lora_topk_backward_impl
             grads = op(dy.contiguous(), x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors,

@@ -189,3 +189,35 @@ def test_public_api_with_the_cuda_backend(cuda_backend_on_cpu, monkeypatch, gate
     got = run("cuda", torch.bfloat16, fn)
     _within_3x(got, run("torch", torch.bfloat16, call), run("torch", torch.float64, call),
                ["y"] + [f"d{k}" for k in leaves])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_topk_no_adapter_slots_int32(dtype):
+    """Serving inputs on the grouped kernels: int32 indices with -1 slots (no adapter), one token all -1. Those
+    pairs are in no group, so no kernel computes them; their dweights stay 0."""
+    from test_serving_slots import serving_indices
+
+    T, K, N, E, r, k = 40, 32, 24, 8, 16, 2
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)  # noqa: E731
+    c = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+             lora_B=rnd(E, N, r, scale=r**-0.5), dy=rnd(T, N))
+    idx = serving_indices(T, E, k, g, torch.int32)
+    weights = torch.rand(T, k, generator=g)
+    scaling = torch.linspace(0.5, 2.0, E)
+    seed = torch.tensor([5], dtype=torch.int64)
+    meta = build_routing_metadata(idx, E, topk_block_m("cuda", T, k))
+
+    def run(mod, cast=None):
+        t = {key: v.to(cast) if cast is not None else v for key, v in c.items()}
+        w = weights.to(cast) if cast is not None else weights
+        y, saved = mod.forward(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], idx, w, scaling, seed,
+                               0.0, meta)
+        grads = mod.backward(t["dy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], idx, w, scaling, seed, saved,
+                             0.0, meta, NEEDS)
+        return [y, *grads]
+
+    got = run(routed_lora_topk_cuda)
+    _within_3x(got, run(routed_lora_topk_torch), run(routed_lora_topk_torch, torch.float64),
+               ["y", "dx", "dW", "db", "dA", "dB", "dweights"])
+    assert torch.all(got[-1][idx < 0] == 0)

@@ -3,12 +3,12 @@
     y[t] = x[t] W^T + b + sum_s weights[t, s] * s_e * (drop(x[t]) A_e^T) B_e^T,   e = indices[t, s]
 
 Computed as the dense op with gates scattered from the top-k weights (zeros off the top-k), so it is exactly
-the dense semantics; dweights[t, s] = dgates_dense[t, indices[t, s]]. Shapes: x [T, K], indices/weights
-[T, k], the rest as in routed_lora_torch. The routing metadata arguments are unused here.
+the dense semantics; dweights[t, s] = dgates_dense[t, indices[t, s]] (0 for a -1 slot: no adapter). Shapes:
+x [T, K], indices/weights [T, k] (indices int32 or int64), the rest as in routed_lora_torch. The routing metadata arguments are unused here.
 """
 from __future__ import annotations
 
-from ..routing.topk import dense_gates
+from ..routing.topk import dense_gates, slot_values
 from . import routed_lora_torch
 
 
@@ -29,5 +29,5 @@ def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, sav
     gates = dense_gates(indices, weights, lora_A.shape[0])
     dx, dW, db, dA, dB, dg = routed_lora_torch.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, saved,
                                                        1, dropout_p, needs)
-    dweights = dg.gather(1, indices) if needs[5] else weights.new_empty(0)
+    dweights = slot_values(dg, indices) if needs[5] else weights.new_empty(0)
     return dx, dW, db, dA, dB, dweights

@@ -19,6 +19,7 @@ No host synchronization anywhere (the dropout seed is read on the device), so CU
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -106,11 +107,18 @@ def _is_compile_failure(exc: Exception) -> bool:
     return isinstance(exc, _compile_errors()) or (isinstance(exc, RuntimeError) and "PassManager" in str(exc))
 
 
+_ALLOCATOR_SET = threading.local()
+
+
 def _set_tma_allocator() -> None:
-    """Device-side tensor descriptors need a scratch allocator; Triton asks for one through set_allocator."""
+    """Device-side tensor descriptors need a scratch allocator; Triton asks for one through set_allocator. Set once
+    per thread (Triton keeps it in a context variable, which a new thread does not inherit), not per launch."""
+    if getattr(_ALLOCATOR_SET, "done", False):
+        return
     import triton
 
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+    _ALLOCATOR_SET.done = True
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:

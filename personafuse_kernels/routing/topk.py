@@ -1,7 +1,8 @@
 """Top-k gates and the routing metadata the grouped kernels share between forward and backward.
 
-    TopKGates(indices [..., k] int64, weights [..., k] float): token t uses experts indices[t, :] with weights
-    weights[t, :]. Equivalent to dense gates g[t, e] = weights[t, s] where indices[t, s] == e, else 0.
+    TopKGates(indices [..., k] int32 or int64, weights [..., k] float): token t uses experts indices[t, :] with
+    weights weights[t, :]; index -1 is a slot with no adapter (its weight is ignored, its gradient is zero).
+    Equivalent to dense gates g[t, e] = sum of weights[t, s] over the slots with indices[t, s] == e, else 0.
 
 Pairs: p = t * k + s (token t, slot s), expert e(p) = indices[t, s]. The metadata sorts pairs by group
 g = e * k + s (expert-major, so one expert's pairs are contiguous; slot-minor, so a block never mixes slots)
@@ -19,7 +20,8 @@ from torch import Tensor
 
 
 class TopKGates:
-    """indices [..., k] (int64, each token's k distinct experts), weights [..., k] (float, carry gradients).
+    """indices [..., k] (int32 or int64: each token's k distinct experts, or -1 for a slot with no adapter),
+    weights [..., k] (float, carry gradients).
 
     validate=True (the default for user-made gates) checks dtypes, shapes, range and duplicates before any kernel
     runs: on the host for CPU tensors; on a GPU as device-side asserts (no host sync; a failure is raised by the
@@ -54,9 +56,9 @@ class TopKGates:
         num_experts experts."""
         idx, w = self.indices, self.weights
         if not isinstance(idx, Tensor) or not isinstance(w, Tensor):
-            raise TypeError("TopKGates needs tensors: indices [..., k] int64 and weights [..., k] float")
-        if idx.dtype != torch.int64:
-            raise TypeError(f"TopKGates indices must be int64, got {idx.dtype}")
+            raise TypeError("TopKGates needs tensors: indices [..., k] int32/int64 and weights [..., k] float")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"TopKGates indices must be int32 or int64, got {idx.dtype}")
         if not w.is_floating_point():
             raise TypeError(f"TopKGates weights must be floating point, got {w.dtype}")
         if idx.shape != w.shape or idx.dim() < 1 or idx.shape[-1] < 1:
@@ -81,22 +83,21 @@ class TopKGates:
 
     def _device_checks(self, num_experts: int) -> None:
         idx = self.indices
-        ok = (idx >= 0).all() & (idx < num_experts).all()
-        torch._assert_async(ok, "TopKGates indices out of range [0, num_experts)")
+        ok = (idx >= -1).all() & (idx < num_experts).all()
+        torch._assert_async(ok, "TopKGates indices out of range [-1, num_experts)")
         if idx.shape[-1] > 1:
-            s = idx.sort(dim=-1).values
-            torch._assert_async(~(s[..., 1:] == s[..., :-1]).any(), "TopKGates indices repeat an expert")
+            torch._assert_async(~_repeats(idx).any(), "TopKGates indices repeat an expert")
 
     def validate_now(self, num_experts: int) -> None:
         """The range and duplicate checks on the host, with messages that name the bad values: one host sync on a
         GPU (check() uses device-side asserts there instead, to keep the call free of syncs)."""
         idx = self.indices
         lo, hi = int(idx.min()), int(idx.max())  # the host sync
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"TopKGates indices must be in [0, {num_experts}); got values from {lo} to {hi}")
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(f"TopKGates indices must be in [0, {num_experts}), or -1 for no adapter; got values "
+                             f"from {lo} to {hi}")
         if idx.shape[-1] > 1:
-            s = idx.sort(dim=-1).values
-            dup = (s[..., 1:] == s[..., :-1]).any(dim=-1)
+            dup = _repeats(idx).any(dim=-1)
             if bool(dup.any()):
                 where = tuple(int(v) for v in dup.nonzero()[0])
                 raise ValueError(f"TopKGates indices repeat an expert within a token (first at token {where}: "
@@ -117,13 +118,31 @@ def block_m_for(T: int, k: int, large: int = 64) -> int:
     return 16 if T * k <= 1024 else large
 
 
+def _repeats(idx: Tensor) -> Tensor:
+    """[..., k-1] bool: after sorting each token's slots, a real expert (not -1) equal to its neighbour."""
+    s = idx.sort(dim=-1).values
+    return (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+
+
+def _slot_onehot(indices: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
+    """[..., k, E]: 1 where slot s picks expert e; a -1 slot is all zeros. Any integer dtype (int32 needs no copy
+    to int64, which scatter and gather would)."""
+    return (indices.unsqueeze(-1) == torch.arange(num_experts, device=indices.device, dtype=indices.dtype)).to(dtype)
+
+
 def dense_gates(indices: Tensor, weights: Tensor, num_experts: int) -> Tensor:
     """g[..., e] = sum of weights[..., s] over the slots s with indices[..., s] == e: [..., k] -> [..., E].
 
     A sum, not an overwrite: gates built with validate=False may repeat an expert within a token, and every path
-    (this dense one, and the grouped kernels, which add one slot at a time) must then add both slots."""
-    dense = weights.new_zeros(*weights.shape[:-1], num_experts)
-    return dense.scatter_add(-1, indices, weights)
+    (this dense one, and the grouped kernels, which add one slot at a time) must then add both slots. A -1 slot
+    (no adapter) adds nothing."""
+    return (_slot_onehot(indices, num_experts, weights.dtype) * weights.unsqueeze(-1)).sum(-2)
+
+
+def slot_values(dense: Tensor, indices: Tensor) -> Tensor:
+    """dense [..., E] read at each slot's expert: [..., k], 0 for a -1 slot (the top-k weights' gradient from the
+    dense gates' gradient)."""
+    return (_slot_onehot(indices, dense.shape[-1], dense.dtype) * dense.unsqueeze(-2)).sum(-1)
 
 
 class RoutingMeta(NamedTuple):
@@ -148,14 +167,17 @@ class RoutingMeta(NamedTuple):
 
 
 def build_routing_metadata(indices: Tensor, num_experts: int, block_m: int) -> RoutingMeta:
-    """indices [T, k] int64 (valid) -> RoutingMeta, with torch ops on indices' device and no host sync."""
+    """indices [T, k] int32/int64 (valid, or -1: no adapter) -> RoutingMeta, with torch ops on indices' device and
+    no host sync. A -1 pair sorts after every group (the sentinel group G): it is in sorted_pairs but in no group
+    and no block, so no kernel computes it."""
     T, k = indices.shape
     P, G = T * k, num_experts * k
     dev = indices.device
     slot = torch.arange(k, device=dev).repeat(T)
-    group = indices.reshape(-1) * k + slot  # [P]
+    flat = indices.reshape(-1)
+    group = torch.where(flat >= 0, flat * k + slot, G)  # [P] int64, G for no adapter
     order = torch.sort(group, stable=True).indices  # pairs sorted by (expert, slot), token order inside
-    counts = torch.zeros(G, dtype=torch.int64, device=dev).scatter_add_(0, group, torch.ones_like(group))
+    counts = torch.zeros(G + 1, dtype=torch.int64, device=dev).scatter_add_(0, group, torch.ones_like(group))[:G]
     group_start = torch.zeros(G + 1, dtype=torch.int64, device=dev)
     group_start[1:] = torch.cumsum(counts, 0)
     blocks = (counts + block_m - 1) // block_m
