@@ -4,6 +4,7 @@
 
 Public API:
     routed_lora(x, weight, bias, lora_A, lora_B, gates, scaling=1.0, dropout_p=0.0, backend="auto")
+    routed_lora_delta(x, lora_A, lora_B, gates, ..., out=None): the routed term alone, added into out in place
     available_backends()
     RoutedLoRALinear.from_linear(linear, num_experts=10, rank=16, alpha=32, dropout=0.0, router="token")
     TokenRouter, SequenceRouter
@@ -12,7 +13,7 @@ Public API:
 """
 from .build_info import build_info
 from .dispatch import available_backends, unavailable_reasons
-from .functional import routed_lora
+from .functional import routed_lora, routed_lora_delta
 from .integration import (
                           export_peft,
                           from_peft,
@@ -33,7 +34,7 @@ from .routing import RouterOutput, SequenceRouter, TokenRouter, TopKGates
 from .version import __version__
 
 __all__ = [
-    "__version__", "routed_lora", "available_backends", "unavailable_reasons", "build_info",
+    "__version__", "routed_lora", "routed_lora_delta", "available_backends", "unavailable_reasons", "build_info",
     "RoutedLoRALinear", "TokenRouter", "SequenceRouter", "RouterOutput", "TopKGates",
     "inject_routed_lora", "from_peft", "export_peft", "save_adapters", "load_adapters", "merge", "unmerge",
     "persona_gates", "router_aux_losses", "hold_sequence_gates", "routed_layers", "named_routed_layers",

@@ -234,3 +234,50 @@ class RoutedLoRATopKFunction(torch.autograd.Function):
                        ctx.block_m, ctx.dropout_p, *needs, ctx.backend)
         dx, dW, db, dA, dB, dw = needs.keep(grads)
         return (dx, dW, db, dA, dB, None, dw, None, None, None, None)
+
+
+# ---------------------------------------------------------------- the routed term alone, added into `out`
+
+
+def delta_term(x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+    """sum_e s_e g (drop(x) A_e^T) B_e^T [T, N] as a graph of torch ops (torch.compile, meta tensors, and the
+    differentiable backward of create_graph=True)."""
+    from .ops import routed_lora_torch
+    from .ops.dropout import apply_dropout
+
+    E, r, K = lora_A.shape
+    H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()
+    Hg = routed_lora_torch.TorchGateOps.forward(H, gates, scaling, seq_len)
+    return Hg @ routed_lora_torch._b_cat(lora_B).t()
+
+
+class RoutedLoRADeltaFunction(torch.autograd.Function):
+    """out += the routed LoRA term, in place: autograd records it as an in-place add on out (ctx.mark_dirty), as
+    out.add_(delta) would be, without materializing delta. out [T, N] in any float dtype; x [T, K] and the rest as
+    RoutedLoRAFunction takes them."""
+
+    @staticmethod
+    def forward(ctx, out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, backend):
+        H = get_backend_ops(backend).delta_forward(out.view(x.shape[0], -1), x, lora_A, lora_B, gates, scaling, seed,
+                                                   seq_len, dropout_p)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, lora_A, lora_B, gates, scaling, seed, H)
+        ctx.seq_len, ctx.dropout_p, ctx.backend = seq_len, dropout_p, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, lora_A, lora_B, gates, scaling, seed, H = ctx.saved_tensors
+        need = ctx.needs_input_grad  # out, x, lora_A, lora_B, gates, then constants
+        wanted = (need[1], need[2], need[3], need[4])
+        dy = dout.reshape(x.shape[0], -1).to(x.dtype).contiguous()
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the term rebuilt from torch ops
+            inputs = [t for t, w in zip((x, lora_A, lora_B, gates), wanted) if w]
+            term = delta_term(x, lora_A, lora_B, gates, scaling, seed, ctx.seq_len, ctx.dropout_p)
+            got = iter(torch.autograd.grad(term, inputs, dy, create_graph=True, allow_unused=True))
+            grads = [next(got) if w else None for w in wanted]
+        else:
+            grads = get_backend_ops(ctx.backend).delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H,
+                                                                ctx.seq_len, ctx.dropout_p, wanted)
+            grads = [g if w else None for g, w in zip(grads, wanted)]
+        return (dout, *grads, None, None, None, None, None)

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .autograd import RoutedLoRAFunction, RoutedLoRATopKFunction
+from .autograd import RoutedLoRADeltaFunction, RoutedLoRAFunction, RoutedLoRATopKFunction, delta_term
 from .dispatch import resolve_backend, resolve_topk_backend
 from .ops.dropout import keep_mask, new_seed
 from .ops.routed_lora_torch import routed_lora_reference
@@ -30,10 +30,12 @@ def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
 
 
 def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
+    """weight None: the routed term alone (routed_lora_delta), N taken from lora_B."""
     _check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have shape [..., K], got a scalar")
-    _check_tensor("weight", weight, 2)
+    if weight is not None:
+        _check_tensor("weight", weight, 2)
     if bias is not None:
         _check_tensor("bias", bias, 1)
     _check_tensor("lora_A", lora_A, 3)
@@ -48,12 +50,12 @@ def _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p) -> None:
         _check_tensor("gates", gates)
         gates_t = gates
     K = x.shape[-1]
-    N = weight.shape[0]
+    N = weight.shape[0] if weight is not None else lora_B.shape[1]
     E, r, KA = lora_A.shape
     EB, NB, rB = lora_B.shape
     shapes = (f"x {_shape(x)}, weight {_shape(weight)}, bias {_shape(bias)}, lora_A {_shape(lora_A)}, "
               f"lora_B {_shape(lora_B)}, gates {gates if isinstance(gates, TopKGates) else _shape(gates)}")
-    if weight.shape[1] != K:
+    if weight is not None and weight.shape[1] != K:
         raise ValueError(f"weight must be [N, K] with K = x.shape[-1] = {K}; got {shapes}")
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must be [N] with N = weight.shape[0] = {N}; got {shapes}")
@@ -185,3 +187,60 @@ def routed_lora(
     norm = normalize_gates(gates, x.shape, E)
     y = RoutedLoRAFunction.apply(*operands, norm.gates, scale, seed, norm.seq_len, p, name)
     return y.view(*lead, N)
+
+
+def routed_lora_delta(
+    x: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    gates: Union[Tensor, TopKGates],
+    scaling: Union[float, Tensor] = 1.0,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    out: Optional[Tensor] = None,
+) -> Tensor:
+    """The routed term alone, sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T, for a base computed elsewhere (a
+    quantized layer, an engine's GEMM, an fp32 accumulator).
+
+    Args:
+        x, lora_A, lora_B, gates, scaling, dropout_p, backend: as routed_lora.
+        out: [..., N] in any float dtype on x's device, or None. Given, the term is added into it in place and
+             out is returned; autograd records an in-place add, as out.add_(delta) would (out may not be a leaf
+             that requires grad). None: a new tensor in x's dtype holding the term.
+    Top-k gates run the dense path here (zeros off the top-k).
+    """
+    _validate(x, None, None, lora_A, lora_B, gates, dropout_p)
+    E = lora_A.shape[0]
+    K, N = x.shape[-1], lora_B.shape[1]
+    lead = x.shape[:-1]
+    if out is None:
+        out = torch.zeros(*lead, N, dtype=x.dtype, device=x.device)
+    elif not isinstance(out, Tensor) or not out.is_floating_point():
+        got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"out must be a floating-point tensor, got {got}")
+    elif tuple(out.shape) != (*lead, N):
+        raise ValueError(f"out must be [..., N] = {(*lead, N)} for x {tuple(x.shape)} and lora_B "
+                         f"{tuple(lora_B.shape)}, got {tuple(out.shape)}")
+    elif out.device != x.device:
+        raise ValueError(f"out must be on x's device {x.device}, got {out.device}")
+    elif out.is_leaf and out.requires_grad:
+        raise RuntimeError("out is a leaf that requires grad: an in-place add into it would be lost to autograd; "
+                           "add into a copy (out.clone()) or a buffer that does not require grad")
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous (its rows are the kernels' output rows)")
+    x, lora_A, lora_B = _autocast([x, lora_A, lora_B], x.device.type)
+    T = math.prod(lead)
+    scale = _scaling_tensor(scaling, E, x)
+    p = float(dropout_p)
+    seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
+    if isinstance(gates, TopKGates):
+        gates = gates.to_dense(E)
+    norm = normalize_gates(gates, x.shape, E)
+    x2 = x.reshape(T, K).contiguous()
+    if x.device.type == "meta" or T == 0 or K == 0 or N == 0 or torch.compiler.is_compiling():
+        # torch ops (torch.compile traces them; meta tensors and empty shapes need no kernel)
+        term = delta_term(x2, lora_A, lora_B, norm.gates, scale, seed, norm.seq_len, p) if T and K and N else None
+        return out if term is None else out.add_(term.view(*lead, N).to(out.dtype))
+    name = resolve_backend(backend, x.device, x.dtype, T)
+    return RoutedLoRADeltaFunction.apply(out, x2, lora_A.contiguous(), lora_B.contiguous(), norm.gates, scale, seed,
+                                         norm.seq_len, p, name)

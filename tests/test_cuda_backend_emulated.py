@@ -221,3 +221,32 @@ def test_cuda_topk_no_adapter_slots_int32(dtype):
     _within_3x(got, run(routed_lora_topk_torch), run(routed_lora_topk_torch, torch.float64),
                ["y", "dx", "dW", "db", "dA", "dB", "dweights"])
     assert torch.all(got[-1][idx < 0] == 0)
+
+
+@pytest.mark.parametrize("T", [16, 70])  # the decode kernel (T <= 64) and the tensor-core kernels
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_delta_into_out(cuda_backend_on_cpu, T, out_dtype):
+    """pfk.routed_lora_delta(backend="cuda", out=...): bf16 operands added into a bf16 output (the decode kernel
+    adds in place) or an fp32 accumulator, forward and every gradient, by the 3x rule."""
+    import personafuse_kernels as pfk
+
+    g = torch.Generator().manual_seed(4)
+    K, N, E, r = 48, 40, 8, 16
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    leaves = dict(x=rnd(T, K), lora_A=rnd(E, r, K, scale=K**-0.5), lora_B=rnd(E, N, r, scale=r**-0.5),
+                  gates=torch.rand(T, E, generator=g))
+    base, dy = rnd(T, N), rnd(T, N)
+
+    def run(backend, dtype, odt):
+        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
+               for k, v in leaves.items()}
+        out = base.to(odt, copy=True)
+        y = pfk.routed_lora_delta(*ins.values(), scaling=2.0, backend=backend, out=out)
+        y.backward(dy.to(odt))
+        return [y.detach().float() - base.to(odt).float()] + [ins[k].grad for k in leaves]
+
+    got = run("cuda", torch.bfloat16, out_dtype)
+    same = run("torch", torch.bfloat16, out_dtype)
+    ref = run("torch", torch.float64, torch.float64)
+    for gv, s, rv, name in zip(got, same, ref, ["delta", "x", "lora_A", "lora_B", "gates"]):
+        assert_within_3x(gv.float(), s.float(), rv, name)

@@ -18,14 +18,15 @@ from personafuse_kernels.perf.explain import _inputs
 from personafuse_kernels.routing.topk import build_routing_metadata
 
 # (backend, T, E, k): (forward: triton launches, aten launches, allocations), (backward: the same).
-# K = N = 4096, r = 16, bf16, W frozen. Top-k forwards include building the routing metadata: 31 eager torch ops
-# today, the largest item of this table (#11 asks for it in one or two device kernels; lower these then).
+# K = N = 4096, r = 16, bf16, W frozen. Top-k forwards include building the routing metadata: 34 eager torch ops
+# today (3 of them send -1 slots, no adapter, past every group), the largest item of this table (#11 asks for it
+# in one or two device kernels; lower these then).
 BUDGET = {
     ("triton", 16, 10, 0): ((3, 0, 4), (4, 5, 14)),
     ("triton", 4096, 10, 0): ((2, 1, 4), (4, 5, 14)),
-    ("triton", 8192, 64, 2): ((3, 33, 34), (5, 5, 12)),
+    ("triton", 8192, 64, 2): ((3, 36, 37), (5, 5, 12)),
     ("torch", 4096, 10, 0): ((0, 8, 7), (0, 19, 23)),
-    ("torch", 8192, 64, 2): ((0, 42, 40), (0, 22, 26)),
+    ("torch", 8192, 64, 2): ((0, 48, 46), (0, 22, 26)),
 }
 
 

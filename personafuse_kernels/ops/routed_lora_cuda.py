@@ -83,13 +83,18 @@ def use_decode_kernel(x, lora_A, dropout_p: float) -> bool:
 
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]); same contract as routed_lora_torch.forward."""
-    if use_decode_kernel(x, lora_A, dropout_p):
-        y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS base; the LoRA branch is added in place
-        H = kernel_ops().lora_decode_(y, x, lora_A, lora_B, gates.float().contiguous(),
-                                               scaling.float().contiguous(), seq_len)
-        return y, H
-    return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p,
-                                     gate_ops=CudaGateOps)
+    y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS base; the LoRA branch is added in place
+    return y, delta_forward(y, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p)
+
+
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+    """out [T, N] += the LoRA term, in place; returns H. Same contract as routed_lora_torch.delta_forward."""
+    if use_decode_kernel(x, lora_A, dropout_p) and out.dtype == x.dtype:
+        return kernel_ops().lora_decode_(out, x, lora_A, lora_B, gates.float().contiguous(),
+                                         scaling.float().contiguous(), seq_len)
+    return routed_lora_torch.delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p,
+                                           gate_ops=CudaGateOps)
 
 
 backward = functools.partial(routed_lora_torch.backward, gate_ops=CudaGateOps)
+delta_backward = functools.partial(routed_lora_torch.delta_backward, gate_ops=CudaGateOps)

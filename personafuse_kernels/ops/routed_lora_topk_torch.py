@@ -4,7 +4,8 @@
 
 Computed as the dense op with gates scattered from the top-k weights (zeros off the top-k), so it is exactly
 the dense semantics; dweights[t, s] = dgates_dense[t, indices[t, s]] (0 for a -1 slot: no adapter). Shapes:
-x [T, K], indices/weights [T, k] (indices int32 or int64), the rest as in routed_lora_torch. The routing metadata arguments are unused here.
+x [T, K], indices/weights [T, k] (indices int32 or int64), the rest as in routed_lora_torch. The routing
+metadata arguments are unused here.
 """
 from __future__ import annotations
 

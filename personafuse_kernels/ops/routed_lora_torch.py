@@ -86,10 +86,19 @@ def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
             gate_ops=TorchGateOps):
     """Returns (y [T, N], H [T, E*r]); H is kept for backward."""
+    # the LoRA term goes in place into the fresh base output: an out-of-place addmm would copy y first, then read
+    # and write it again
+    y = F.linear(x, weight, bias)
+    return y, delta_forward(y, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, gate_ops)
+
+
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
+                  gate_ops=TorchGateOps) -> torch.Tensor:
+    """out [T, N] += sum_e s_e g (drop(x) A_e^T) B_e^T, in place, in out's dtype (an fp32 accumulator takes the
+    small operands Hg [T, C] and B_cat [N, C] in fp32). Returns H [T, E*r] for backward."""
     H, Hg = gate_ops.shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)  # [T, E*r] each
-    # in place into the fresh base output: an out-of-place addmm would copy y first, then read and write it again
-    y = F.linear(x, weight, bias).addmm_(Hg, _b_cat(lora_B).t())  # [T, N]
-    return y, H
+    out.addmm_(Hg.to(out.dtype), _b_cat(lora_B).t().to(out.dtype))  # [T, N]
+    return H
 
 
 def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float,
@@ -99,6 +108,19 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     dy [T, N]; dgates comes back in gates' dtype, the others in x's dtype.
     """
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
+    dx, dA, dB, dg = delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p,
+                                    (need_dx, need_dA, need_dB, need_dg), gate_ops)
+    if need_dx:
+        dx.addmm_(dy, weight)  # the base's dY W accumulated in place into the LoRA term's fresh [T, K] tensor
+    dW, db = base_weight_grads(dy, x, need_dW, need_db)
+    return dx, dW, db, dA, dB, dg
+
+
+def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float,
+                   needs: tuple[bool, bool, bool, bool], gate_ops=TorchGateOps):
+    """Gradients (dx, dA, dB, dgates) of the LoRA term alone (delta_forward), for needs = (dx, dA, dB, dgates);
+    dx is a fresh tensor (the base's backward adds into it), unwanted ones are empty. dy [T, N] in x's dtype."""
+    need_dx, need_dA, need_dB, need_dg = needs
     T, N = dy.shape
     E, r, K = lora_A.shape
     dB = dy.new_empty(0)  # every unwanted gradient is its own empty tensor: op outputs must not alias
@@ -111,13 +133,9 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
         dA = (dH.t() @ apply_dropout(x, seed, dropout_p)).view(E, r, K)  # [E, r, K]
     dx = dy.new_empty(0)
     if need_dx:
-        if dropout_p > 0.0:  # drop'(dH A_cat) needs the LoRA term on its own: masked, then added in place
-            dx = apply_dropout(dH @ lora_A.reshape(E * r, K), seed, dropout_p).addmm_(dy, weight)  # same mask
-        else:  # no [T, K] LoRA term materialized: accumulated in place into dY W
-            dx = (dy @ weight).addmm_(dH, lora_A.reshape(E * r, K))
-    dW, db = base_weight_grads(dy, x, need_dW, need_db)
+        dx = apply_dropout(dH @ lora_A.reshape(E * r, K), seed, dropout_p)  # drop'(dH A_cat), the same mask
     dg = dgates.to(gates.dtype) if need_dg else gates.new_empty(0)
-    return dx, dW, db, dA, dB, dg
+    return dx, dA, dB, dg
 
 
 def routed_lora_reference(x, weight, bias, lora_A, lora_B, gates_tok, scaling, keep=None, dropout_p: float = 0.0):

@@ -190,7 +190,7 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
         dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
-        **dot_args(out.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **dot_args(x2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -208,9 +208,8 @@ class Call(NamedTuple):
     scaling32: torch.Tensor  # [E]
 
 
-def _prepare(x, weight, lora_A, gates, scaling) -> Call:
+def _prepare(x, N: int, lora_A, gates, scaling) -> Call:
     T, K = x.shape
-    N = weight.shape[0]
     E, r, _ = lora_A.shape
     return Call(T, K, N, E, r, E * r, _configs_for(x, K, N, E * r), gates.float().contiguous(),
                 scaling.float().contiguous())
@@ -218,7 +217,7 @@ def _prepare(x, weight, lora_A, gates, scaling) -> Call:
 
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
-    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
+    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight.shape[0], lora_A, gates, scaling)
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
     cfg = cfgs.gemm
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
@@ -235,9 +234,28 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
                   seed=seed, dropout_p=0.0, cfg=cfg, has_term1=True, accumulate=False, dropout_term2=False)
     else:
         y = F.linear(x, weight, bias)
-        dual_gemm(y, x1=x, m1=weight, m1_strides=(1, K), x2=Hg, m2=lora_B, m2_strides=b_strides, R=r, bias=None,
-                  seed=seed, dropout_p=0.0, cfg=cfg, has_term1=False, accumulate=True, dropout_term2=False)
+        _expand_into(y, Hg, lora_B, seed, cfgs.gemm)
     return y, H
+
+
+def _expand_into(out, Hg, lora_B, seed, cfg: GemmConfig):
+    """out [T, N] += Hg B_cat^T in place, out in any float dtype (its dtype is what the kernel stores)."""
+    E, N, r = lora_B.shape
+    # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r; no first term (x1, m1 unused)
+    dual_gemm(out, x1=_or_unused(None, Hg), m1=_or_unused(None, lora_B), m1_strides=(0, 0), x2=Hg, m2=lora_B,
+              m2_strides=(N * r, 1, r), R=r, bias=None, seed=seed, dropout_p=0.0, cfg=cfg, has_term1=False,
+              accumulate=True, dropout_term2=False)
+
+
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+    """out [T, N] += sum_e s_e g (drop(x) A_e^T) B_e^T in place (any float dtype of out, an fp32 accumulator
+    included); returns H [T, E*r]. Same contract as routed_lora_torch.delta_forward."""
+    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, out.shape[1], lora_A, gates, scaling)
+    H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
+    _expand_into(out, Hg, lora_B, seed, cfgs.gemm)
+    return H
+
+
 
 
 def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: DhgConfig):
@@ -303,19 +321,12 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
 def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
     """(dx, dW, db, dA, dB, dgates); same contract as routed_lora_torch.backward."""
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
-    T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight, lora_A, gates, scaling)
-    dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfgs.dhg)
-
-    dB = dy.new_empty(0)
-    if need_dB:
-        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfgs.wgrad_b)  # [N, C]
-        dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
-    dA = dy.new_empty(0)
-    if need_dA:
-        dA = wgrad_A(dH, x, gates32, scaling32, seed, r=r, seq_len=seq_len, dropout_p=dropout_p,
-                     cfg=cfgs.wgrad_a).view(E, r, K).to(lora_A.dtype)
+    call = _prepare(x, weight.shape[0], lora_A, gates, scaling)
+    dH, dA, dB, dg = _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len, dropout_p, call,
+                                 need_dA, need_dB, need_dg)
+    T, K, N, E, r, C, cfgs = call[:7]
     dx = dy.new_empty(0)
-    if need_dx:
+    if need_dx:  # dx = dY W + drop'(dH A_cat) in one pass
         dx = x.new_empty(T, K)
         launched = False
         if T > SMALL_T:
@@ -327,9 +338,41 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
                       bias=None, seed=seed, dropout_p=dropout_p, cfg=cfgs.gemm, has_term1=True, accumulate=False,
                       dropout_term2=dropout_p > 0)
     dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
+    return dx, dW, db, dA, dB, dg
+
+
+def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
+    """(dx, dA, dB, dgates) of the LoRA term alone; same contract as routed_lora_torch.delta_backward."""
+    need_dx, need_dA, need_dB, need_dg = needs
+    call = _prepare(x, lora_B.shape[1], lora_A, gates, scaling)
+    dH, dA, dB, dg = _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len, dropout_p, call,
+                                 need_dA, need_dB, need_dg)
+    T, K, N, E, r, C, cfgs = call[:7]
+    dx = dy.new_empty(0)
+    if need_dx:  # dx = drop'(dH A_cat): the dual GEMM without its first term
+        dx = x.new_empty(T, K)
+        dual_gemm(dx, x1=_or_unused(None, dH), m1=_or_unused(None, lora_A), m1_strides=(0, 0), x2=dH, m2=lora_A,
+                  m2_strides=(r * K, K, 1), R=r, bias=None, seed=seed, dropout_p=dropout_p, cfg=cfgs.gemm,
+                  has_term1=False, accumulate=False, dropout_term2=dropout_p > 0)
+    return dx, dA, dB, dg
+
+
+def _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len: int, dropout_p: float, call: Call, need_dA: bool,
+                need_dB: bool, need_dg: bool):
+    """(dH [T, C], dA, dB, dgates) of one backward: the dHg kernel, then the two weight-gradient reductions."""
+    T, K, N, E, r, C, cfgs, gates32, scaling32 = call
+    dH, dg_tok = dhg(dy, lora_B, H, gates32, scaling32, seq_len, cfgs.dhg)
+    dB = dy.new_empty(0)
+    if need_dB:
+        dB_cat = wgrad_B(dy, H, gates32, scaling32, seed, r=r, seq_len=seq_len, cfg=cfgs.wgrad_b)  # [N, C]
+        dB = dB_cat.view(N, E, r).permute(1, 0, 2).to(lora_B.dtype).contiguous()
+    dA = dy.new_empty(0)
+    if need_dA:
+        dA = wgrad_A(dH, x, gates32, scaling32, seed, r=r, seq_len=seq_len, dropout_p=dropout_p,
+                     cfg=cfgs.wgrad_a).view(E, r, K).to(lora_A.dtype)
     if need_dg:
         G = gates.shape[0]
         dg = (dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)).to(gates.dtype)
     else:
         dg = gates.new_empty(0)
-    return dx, dW, db, dA, dB, dg
+    return dH, dA, dB, dg
