@@ -131,9 +131,8 @@ def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int,
     dA = dy.new_empty(0)
     if need_dA:
         dA = (dH.t() @ apply_dropout(x, seed, dropout_p)).view(E, r, K)  # [E, r, K]
-    dx = dy.new_empty(0)
-    if need_dx:
-        dx = apply_dropout(dH @ lora_A.reshape(E * r, K), seed, dropout_p)  # drop'(dH A_cat), the same mask
+    # drop'(dH A_cat), the same mask
+    dx = apply_dropout(dH @ lora_A.reshape(E * r, K), seed, dropout_p) if need_dx else dy.new_empty(0)
     dg = dgates.to(gates.dtype) if need_dg else gates.new_empty(0)
     return dx, dA, dB, dg
 
