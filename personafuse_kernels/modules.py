@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .functional import routed_lora
+from .functional import routed_lora, routed_lora_delta
 from .routing.routers import RouterOutput, SequenceRouter, TokenRouter
 
 ROUTER_MODES = ("token", "sequence", "external")
@@ -42,18 +42,44 @@ def _check_real(name: str, value) -> float:
     return float(value)
 
 
+def is_plain_linear(base: nn.Module) -> bool:
+    """An nn.Linear whose weight is a plain floating-point tensor: the fused op computes its x W^T itself. Anything
+    else with in_features / out_features (bitsandbytes Linear4bit/Linear8bitLt, a torchao-quantized linear, an
+    engine's layer) is called as it is, and the routed term is added into its output in place."""
+    weight = getattr(base, "weight", None)
+    return (type(base) is nn.Linear and type(weight) is nn.Parameter and type(weight.data) is torch.Tensor
+            and weight.is_floating_point())
+
+
+def _wrapped_factory(base: nn.Module) -> dict:
+    """Device and dtype of the adapters of a wrapped (quantized) base: its compute dtype (bitsandbytes'
+    compute_dtype), else its weight's dtype when that is floating point, else float32."""
+    tensors = list(base.parameters()) + list(base.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = getattr(base, "compute_dtype", None)
+    weight = getattr(base, "weight", None)
+    if dtype is None and isinstance(weight, Tensor) and weight.is_floating_point():
+        dtype = weight.dtype
+    return {"device": device, "dtype": dtype or torch.float32}
+
+
 class RoutedLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, num_experts: int, rank: int, alpha: Optional[float] = None,
+    def __init__(self, base: nn.Module, num_experts: int, rank: int, alpha: Optional[float] = None,
                  dropout: float = 0.0, router: str = "token", temperature: float = 1.0, backend: str = "auto",
                  top_k: Optional[int] = None, capacity_factor: Optional[float] = None,
                  context_features: Optional[int] = None):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, nn.Module) or not all(isinstance(getattr(base, a, None), int) and
+                                                      not isinstance(getattr(base, a), bool)
+                                                      for a in ("in_features", "out_features")):
+            raise TypeError(f"base must be an nn.Linear, or a layer with integer in_features and out_features (a "
+                            f"quantized linear), got {type(base).__name__}")
         self.check_args(num_experts, rank, dropout, router, top_k, alpha=alpha, temperature=temperature,
                         capacity_factor=capacity_factor, context_features=context_features, backend=backend)
         K, N = base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.fused_base = is_plain_linear(base)  # else the base is called and the routed term added in place
+        factory = ({"device": base.weight.device, "dtype": base.weight.dtype} if self.fused_base
+                   else _wrapped_factory(base))
         self.base_layer = base
         self.num_experts, self.rank = num_experts, rank
         self.alpha = float(alpha if alpha is not None else rank)
@@ -198,6 +224,9 @@ class RoutedLoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError("this layer is already merged: call unmerge() first")
+        if not self.fused_base:
+            raise RuntimeError(f"cannot merge into a {type(self.base_layer).__name__} base (quantized or "
+                               f"computed elsewhere): its weight is not a float matrix to fold the mix into")
         g = torch.as_tensor(gates, dtype=torch.float32, device=self.lora_A.device)
         if g.shape != (self.num_experts,):
             raise ValueError(f"merge needs one mix of shape [E] = [{self.num_experts}], got {tuple(g.shape)}")
@@ -247,9 +276,14 @@ class RoutedLoRALinear(nn.Module):
             return self.base_layer(x)
         if gates is None:
             gates = self.compute_gates(x)
+        dropout = self.dropout if self.training else 0.0
+        if not self.fused_base:  # the base layer computes its own output; the routed term goes into it in place
+            y = self.base_layer(x)
+            xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+            return routed_lora_delta(xa, self.lora_A, self.lora_B, gates, scaling=self.scaling, dropout_p=dropout,
+                                     backend=self.backend, out=y)
         return routed_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, gates,
-                           scaling=self.scaling, dropout_p=self.dropout if self.training else 0.0,
-                           backend=self.backend)
+                           scaling=self.scaling, dropout_p=dropout, backend=self.backend)
 
     def extra_repr(self) -> str:
         top_k = getattr(self.router, "top_k", None)

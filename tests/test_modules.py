@@ -133,7 +133,7 @@ def test_inject_routed_lora_freezes_and_reports(capsys):
     assert trainable and all(("lora_" in n or "router" in n) for n in trainable)
     with pytest.raises(ValueError, match="match no module"):
         pfk.inject_routed_lora(model, ["q_proj"])
-    with pytest.raises(TypeError, match="only nn.Linear and transformers. Conv1D can be routed"):
+    with pytest.raises(TypeError, match="only nn.Linear, transformers. Conv1D and layers with in_features"):
         pfk.inject_routed_lora(nn.Sequential(nn.ReLU()), ["0"])
     losses = pfk.router_aux_losses(model)
     assert float(losses["load_balancing_loss"]) == 0.0

@@ -32,7 +32,7 @@ def test_validated_topk_gates_are_checked_again_for_fewer_experts():
     x = torch.randn(3, 8)
     gates = pfk.TopKGates(torch.tensor([[6, 1], [0, 2], [3, 5]]), torch.rand(3, 2))
     pfk.routed_lora(x, W, b, A8, B8, gates, backend="torch")  # valid for E = 8
-    with pytest.raises(ValueError, match=r"indices must be in \[0, 4\); got values from 0 to 6"):
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 4\), or -1 for no adapter; got values from 0 to 6"):
         pfk.routed_lora(x, W, b, A4, B4, gates, backend="torch")
 
 

@@ -22,8 +22,10 @@ def _is_conv1d(mod: nn.Module) -> bool:
     return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
 
 
-def as_linear(mod: nn.Module, name: str) -> nn.Linear:
-    """The nn.Linear a target module computes; GPT-2's Conv1D (y = x W + b, W [in, out]) is transposed once."""
+def as_linear(mod: nn.Module, name: str) -> nn.Module:
+    """The base layer a routed layer wraps: an nn.Linear as it is (plain or quantized), GPT-2's Conv1D (y = x W + b,
+    W [in, out]) transposed once into an nn.Linear, or any other layer with integer in_features and out_features
+    (a quantized linear computed by its own kernel), called as it is."""
     if isinstance(mod, nn.Linear):
         return mod
     if _is_conv1d(mod):
@@ -34,7 +36,10 @@ def as_linear(mod: nn.Module, name: str) -> nn.Linear:
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias)
         return lin
-    raise TypeError(f"{name} is a {type(mod).__name__}; only nn.Linear and transformers' Conv1D can be routed")
+    if all(isinstance(getattr(mod, a, None), int) for a in ("in_features", "out_features")):
+        return mod
+    raise TypeError(f"{name} is a {type(mod).__name__}; only nn.Linear, transformers' Conv1D and layers with "
+                    f"in_features / out_features (quantized linears) can be routed")
 
 
 def find_targets(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, nn.Module]]:

@@ -59,26 +59,31 @@ class Recording(list):
         self.allocations: list[str] = []
 
 
-def _storage_id(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
 class _AtenRecorder(TorchDispatchMode):
     def __init__(self, launches: Recording):
         super().__init__()
         self.launches = launches
         self.seen: set[int] = set()
+        self.alive: list = []  # the storages seen, kept alive so that a freed one's id is never reused meanwhile
+
+    def _see(self, t: torch.Tensor) -> bool:
+        """Note t's storage; True when it had not been seen (a new allocation)."""
+        storage = t.untyped_storage()
+        if storage._cdata in self.seen:
+            return False
+        self.seen.add(storage._cdata)
+        self.alive.append(storage)
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for t in _flat(list(args) + list(kwargs.values())):
             if isinstance(t, torch.Tensor):
-                self.seen.add(_storage_id(t))
+                self._see(t)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
         for t in _flat([out]):
-            if isinstance(t, torch.Tensor) and _storage_id(t) not in self.seen:
-                self.seen.add(_storage_id(t))
+            if isinstance(t, torch.Tensor) and self._see(t):
                 self.launches.allocations.append(name)
         if name.endswith("_") and name not in ("copy_", "zero_", "fill_", "add_", "mul_", "addmm_", "index_put_"):
             base = name.rstrip("_")
