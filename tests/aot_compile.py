@@ -46,6 +46,7 @@ from personafuse_kernels.ops import launch_configs as lc  # noqa: E402
 from personafuse_kernels.ops import triton_grouped_kernels as gk  # noqa: E402
 from personafuse_kernels.ops import triton_kernels as tk  # noqa: E402
 from personafuse_kernels.ops import triton_router_kernels as rk  # noqa: E402
+from personafuse_kernels.ops import triton_routing_kernels as mk  # noqa: E402
 
 # Per-SM limits for occupancy: registers, shared memory per SM and per block (bytes), threads, resident CTAs, and
 # the shared memory the driver reserves per CTA. CUDA C Programming Guide, compute capability tables (8.0, 9.0).
@@ -218,6 +219,18 @@ def topk_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                         {"MODE": mode.value, "HAS_DROPOUT": p > 0, "SPLIT": 1,  # 2 * 132 SMs < E * tiles
                          "BLOCK_I": lc.pow2(I, 16, wc.max_block), "BLOCK_J": lc.pow2(J, 16, wc.max_block),
                          "BLOCK_T": wc.block_t, **DOT}, {"num_warps": wc.num_warps}, **kw))
+    # the routing metadata (ops/routing_triton.py: CHUNK 128, JB 32)
+    P, G = T * k, E * k
+    nchunk = -(-P // 128)
+    out.append(case("route_count", mk._route_count_kernel, {"IDX": "i64", "CNT": "i32", "P": P, "K_SLOTS": k, "G": G},
+                    {"CHUNK": 128}, {"num_warps": 4}, **{**kw, "path": "topk"}))
+    out.append(case("route_scan", mk._route_scan_kernel,
+                    {"CNT": "i32", "OFF": "i32", "GROUP_START": "i32", "BLOCK_GROUP": "i32", "BLOCK_START": "i32",
+                     "NCHUNK": nchunk, "G": G, "MAXB": -(-P // block_m) + G},
+                    {"BLOCK_M": block_m, "G_PAD": lc.pow2(G + 1), "JB": 32}, {"num_warps": 8}, **kw))
+    out.append(case("route_scatter", mk._route_scatter_kernel,
+                    {"IDX": "i64", "OFF": "i32", "GROUP_START": "i32", "SORTED": "i32", "P": P, "K_SLOTS": k, "G": G},
+                    {"CHUNK": 128}, {"num_warps": 4}, **kw))
     block_e = lc.pow2(E, 16)
     out.append(case("topk_router_fwd", rk._topk_router_fwd_kernel,
                     {"X": "dt", "W": "dt", "B": "dt", "PROBS": "fp32", "LSE": "fp32", "IDX": "i64", "WTS": "fp32",
@@ -281,8 +294,9 @@ def serialized_wgmma(warnings: list[str]) -> bool:
 
 def compile_case(item: tuple[dict, str]) -> dict:
     c, arch = item
-    kernel = getattr({"triton_kernels": tk, "triton_grouped_kernels": gk, "triton_router_kernels": rk}[c["module"]],
-                     c["kernel"])
+    modules = {"triton_kernels": tk, "triton_grouped_kernels": gk, "triton_router_kernels": rk,
+               "triton_routing_kernels": mk}
+    kernel = getattr(modules[c["module"]], c["kernel"])
     cap = int(arch.rstrip("a"))
     row = {"case": c["name"], "kernel": c["kernel"], "arch": f"sm_{arch}", "regime": c["regime"], "path": c["path"],
            "dtype": c["dtype"], "hot": c["hot"], "triton": triton.__version__,

@@ -281,3 +281,23 @@ def test_topk_torch_path_works_without_triton_installed():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"})
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_triton
+@pytest.mark.parametrize("T,E,k,block_m", [(1, 4, 2, 16), (7, 8, 1, 16), (133, 16, 3, 16), (300, 64, 2, 64),
+                                           (129, 10, 2, 64), (5, 3, 3, 16)])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+def test_device_metadata_kernels_equal_the_reference(T, E, k, block_m, idx_dtype):
+    """The three Triton launches that build the routing metadata give the torch-op reference's result exactly:
+    stable sort by (expert, slot), group offsets, block table; -1 slots after every group."""
+    gen = torch.Generator().manual_seed(T + E)
+    idx = torch.rand(T, E, generator=gen).topk(k).indices
+    idx[torch.rand(T, k, generator=gen) < 0.3] = -1
+    idx = idx.to(DEVICE, idx_dtype)
+    ref = build_routing_metadata(idx, E, block_m, use_kernels=False)
+    got = build_routing_metadata(idx, E, block_m, use_kernels=True)
+    assert torch.equal(got.sorted_pairs, ref.sorted_pairs)
+    assert torch.equal(got.group_start, ref.group_start)
+    assert torch.equal(got.block_group, ref.block_group)
+    live = ref.block_group >= 0
+    assert torch.equal(got.block_start[live], ref.block_start[live])

@@ -92,7 +92,9 @@ def aten_cost(launch: Launch) -> Cost:
         M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
         out_bytes = sum(_nbytes(t) for t in outs)
         extra = 0
-        if name == "addmm":  # out-of-place: ATen copies `self` into the result, then a beta = 1 GEMM reads it
+        if name == "addmm" and ins[0].dim() == 2 and tuple(ins[0].shape) == (M, N):
+            # out-of-place onto a full matrix: ATen copies `self` into the result, then a beta = 1 GEMM reads it
+            # (a 1-D self is F.linear's bias, applied in the GEMM's epilogue)
             extra = 2 * out_bytes + out_bytes
         elif name == "addmm_":
             extra = out_bytes
@@ -181,6 +183,10 @@ def triton_cost(launch: Launch, card: Card) -> Cost:
         T, K = a["T"], a["K"]
         E = a["E"]
         return Cost(2.0 * T * K * E, T * K * _elt(a["X"]) + E * K * _elt(a["W"]) + T * E * 4, "triton_small")
+    if n in ("_route_count_kernel", "_route_scatter_kernel"):  # read the indices, write counts or positions
+        return Cost(0.0, a["P"] * (_elt(a["IDX"]) + 4) + launch.programs() * (a["G"] + 1) * 4, "stream")
+    if n == "_route_scan_kernel":  # one program: the counts table, then the block table
+        return Cost(0.0, a["NCHUNK"] * (a["G"] + 1) * 8 + a["MAXB"] * 8, "stream")
     if n == "_topk_router_bwd_kernel":
         return Cost(0.0, 4 * a["T"] * a["E"] * 4, "stream")
     raise KeyError(f"no cost function for Triton kernel {n}")

@@ -142,9 +142,17 @@ class _TritonRecorder:
 
 def _kernel_modules() -> list:
     """Every module that holds (or imported by name) the package's Triton kernels."""
-    from ..ops import router_triton, triton_grouped_kernels, triton_kernels, triton_router_kernels
+    from ..ops import (
+        router_triton,
+        routing_triton,
+        triton_grouped_kernels,
+        triton_kernels,
+        triton_router_kernels,
+        triton_routing_kernels,
+    )
 
-    return [triton_kernels, triton_grouped_kernels, triton_router_kernels, router_triton]
+    return [triton_kernels, triton_grouped_kernels, triton_router_kernels, router_triton, triton_routing_kernels,
+            routing_triton]
 
 
 @contextlib.contextmanager

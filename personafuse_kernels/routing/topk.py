@@ -166,9 +166,36 @@ class RoutingMeta(NamedTuple):
         return cls(sorted_pairs, group_start, block_group, block_start, block_m, num_experts, k)
 
 
-def build_routing_metadata(indices: Tensor, num_experts: int, block_m: int) -> RoutingMeta:
-    """indices [T, k] int32/int64 (valid, or -1: no adapter) -> RoutingMeta, with torch ops on indices' device and
-    no host sync. A -1 pair sorts after every group (the sentinel group G): it is in sorted_pairs but in no group
+def build_routing_metadata(indices: Tensor, num_experts: int, block_m: int,
+                           use_kernels: bool | None = None) -> RoutingMeta:
+    """indices [T, k] int32/int64 (valid, or -1: no adapter) -> RoutingMeta, on indices' device with no host sync.
+
+    use_kernels: three Triton launches (ops/routing_triton.py) instead of the reference's torch ops; by default
+    where they pay, on a GPU with Triton (and in a dry run that simulates one). Both give the same metadata."""
+    if use_kernels is None:
+        use_kernels = _metadata_kernels_available(indices)
+    if use_kernels and indices.numel():
+        from ..ops.routing_triton import build_routing_metadata_kernels
+
+        return build_routing_metadata_kernels(indices, num_experts, block_m)
+    return build_routing_metadata_reference(indices, num_experts, block_m)
+
+
+def _metadata_kernels_available(indices: Tensor) -> bool:
+    from ..ops.launch_configs import simulated_card
+
+    if not (indices.is_cuda or simulated_card() is not None):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_routing_metadata_reference(indices: Tensor, num_experts: int, block_m: int) -> RoutingMeta:
+    """The metadata with torch ops (the reference the Triton builder is held to), on indices' device, no host
+    sync. A -1 pair sorts after every group (the sentinel group G): it is in sorted_pairs but in no group
     and no block, so no kernel computes it."""
     T, k = indices.shape
     P, G = T * k, num_experts * k
