@@ -52,7 +52,8 @@ if [ "$TESTS" = 1 ]; then
   echo "== GPU tests"
   PERSONAFUSE_REQUIRE_EXTENSION=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_extension.py \
       tests/test_routed_lora_triton.py tests/test_topk.py tests/test_routed_lora_torch.py tests/test_modules.py \
-      tests/test_integration_hf.py > "$OUT_DIR/tests.log" 2>&1
+      tests/test_integration_hf.py tests/test_cuda_graphs.py tests/test_delta.py tests/test_serving_slots.py \
+      > "$OUT_DIR/tests.log" 2>&1
   test_rc=$?
   tail -3 "$OUT_DIR/tests.log"
   echo "== personafuse check (self-test of every backend, float32 and bfloat16)"
