@@ -143,11 +143,12 @@ class RoutedLoRAFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- top-k gates (grouped path)
-#   personafuse::routed_lora_topk_forward(x, weight, bias?, lora_A, lora_B, indices, weights, scaling, seed,
-#       <routing metadata>, dropout_p, backend) -> (y [T, N], saved)
-#   saved: H [T*k, r] (triton, cuda: per pair) or [T, E*r] (torch reference). The routing metadata is built once by
-#   RoutedLoRATopKFunction and passed to both ops as RoutingMeta.op_args(): sorted_pairs, group_start,
-#   block_group, block_start, block_m (a custom op's schema takes tensors and scalars, not a tuple).
+#   personafuse::routed_lora_topk_forward(x, weight, bias?, lora_A, lora_B, indices, weights, scaling, seed, block_m,
+#       dropout_p, backend) -> (y [T, N], saved, <routing metadata>)
+#   saved: H [T*k, r] (triton, cuda: per pair) or [T, E*r] (torch reference). The forward launches the base GEMM,
+#   then builds the routing metadata (so the GPU runs the GEMM while the host issues the metadata's launches) and
+#   returns it, as RoutingMeta.op_args()'s four tensors, for the backward op (a custom op's schema takes tensors
+#   and scalars, not a tuple).
 
 def _meta(op_args, lora_A, indices):
     from .routing.topk import RoutingMeta
@@ -157,12 +158,11 @@ def _meta(op_args, lora_A, indices):
 
 def routed_lora_topk_forward_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, indices: Tensor,
-    weights: Tensor, scaling: Tensor, seed: Tensor, sorted_pairs: Tensor, group_start: Tensor, block_group: Tensor,
-    block_start: Tensor, block_m: int, dropout_p: float, backend: str,
-) -> tuple[Tensor, Tensor]:
-    meta = _meta((sorted_pairs, group_start, block_group, block_start, block_m), lora_A, indices)
+    weights: Tensor, scaling: Tensor, seed: Tensor, block_m: int, dropout_p: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = get_backend_ops(backend, topk=True)
-    return ops.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, meta)
+    y, saved, meta = ops.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, block_m)
+    return (y, saved, *meta.op_args()[:4])
 
 
 routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_topk_forward", mutates_args=())(
@@ -171,10 +171,13 @@ routed_lora_topk_forward_op = torch.library.custom_op("personafuse::routed_lora_
 
 
 @routed_lora_topk_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, indices, *rest):
-    backend = rest[-1]
+def _(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, block_m, dropout_p, backend):
     saved = get_backend_ops(backend, topk=True).saved_like(x, lora_A, indices)
-    return x.new_empty(x.shape[0], weight.shape[0]), saved
+    P, G = indices.numel(), lora_A.shape[0] * indices.shape[1]
+    max_blocks = -(-P // block_m) + G
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty(x.shape[0], weight.shape[0]), saved, torch.empty(P, **i32), torch.empty(G + 1, **i32),
+            torch.empty(max_blocks, **i32), torch.empty(max_blocks, **i32))
 
 
 def routed_lora_topk_backward_impl(
@@ -200,18 +203,15 @@ def _(dy, x, weight, lora_A, lora_B, indices, weights, *rest):
 
 
 class RoutedLoRATopKFunction(torch.autograd.Function):
-    """Top-k routed LoRA: routing metadata built once here (device ops, no sync), reused by backward.
+    """Top-k routed LoRA: routing metadata built once by the forward op (device ops, no sync), reused by backward.
     Gradients reach x, weight, bias, lora_A, lora_B and the routing weights; indices carry none."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p, backend):
-        from .routing.topk import build_routing_metadata
-
-        meta = build_routing_metadata(indices, lora_A.shape[0], topk_block_m(backend, *indices.shape))
+        block_m = topk_block_m(backend, *indices.shape)
         op = torch.ops.personafuse.routed_lora_topk_forward if _compiling() else routed_lora_topk_forward_impl
-        y, saved = op(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, *meta.op_args(), dropout_p,
-                      backend)
-        *tensors, block_m = meta.op_args()
+        y, saved, *tensors = op(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, block_m, dropout_p,
+                                backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, *tensors)
         ctx.block_m, ctx.dropout_p, ctx.backend, ctx.has_bias = block_m, dropout_p, backend, bias is not None
         return y

@@ -77,8 +77,8 @@ def test_topk_custom_ops_pass_opcheck():
     seed = torch.empty(0, dtype=torch.int64)
     meta = build_routing_metadata(idx, 4, 16)
     tensors = (meta.sorted_pairs, meta.group_start, meta.block_group, meta.block_start)
-    torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_forward,
-                          (x, w, None, A, B, idx, wts, s, seed, *tensors, 16, 0.0, "torch"))
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_forward, (x, w, None, A, B, idx, wts, s, seed, 16, 0.0,
+                                                                           "torch"))
     saved = torch.randn(6, 12)
     torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_backward,
                           (torch.randn(6, 5), x, w, A, B, idx, wts, s, seed, saved, *tensors, 16, 0.0,

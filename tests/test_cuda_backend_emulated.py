@@ -93,13 +93,13 @@ def test_cuda_topk_forward_backward(dtype, T, K, N, E, r, k, pattern, dropout_p)
     weights = torch.rand(T, k, generator=g)
     scaling = torch.linspace(0.5, 2.0, E)
     seed = torch.tensor([99], dtype=torch.int64)
-    meta = build_routing_metadata(idx, E, topk_block_m("cuda", T, k))
+    block_m = topk_block_m("cuda", T, k)
 
     def run(mod, cast=None):
         t = {key: v.to(cast) if cast is not None else v for key, v in c.items()}
         w = weights.to(cast) if cast is not None else weights
         args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], idx, w, scaling, seed)
-        y, saved = mod.forward(*args, dropout_p, meta)
+        y, saved, meta = mod.forward(*args, dropout_p, block_m)
         grads = mod.backward(t["dy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], idx, w, scaling, seed, saved,
                              dropout_p, meta, NEEDS)
         return [y, *grads]
@@ -206,13 +206,13 @@ def test_cuda_topk_no_adapter_slots_int32(dtype):
     weights = torch.rand(T, k, generator=g)
     scaling = torch.linspace(0.5, 2.0, E)
     seed = torch.tensor([5], dtype=torch.int64)
-    meta = build_routing_metadata(idx, E, topk_block_m("cuda", T, k))
+    block_m = topk_block_m("cuda", T, k)
 
     def run(mod, cast=None):
         t = {key: v.to(cast) if cast is not None else v for key, v in c.items()}
         w = weights.to(cast) if cast is not None else weights
-        y, saved = mod.forward(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], idx, w, scaling, seed,
-                               0.0, meta)
+        y, saved, meta = mod.forward(t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], idx, w, scaling,
+                                     seed, 0.0, block_m)
         grads = mod.backward(t["dy"], t["x"], t["weight"], t["lora_A"], t["lora_B"], idx, w, scaling, seed, saved,
                              0.0, meta, NEEDS)
         return [y, *grads]

@@ -48,7 +48,7 @@ GOLDEN = {
                                    ["zeros", "_to_copy", "clone", "zeros", "_to_copy"]),
     ("topk", "fwd", 8192, "H200"): (["_route_count_kernel", "_route_scan_kernel", "_route_scatter_kernel",
                                      "_grouped_pair_gemm_kernel", "_grouped_expand_kernel", "_grouped_expand_kernel"],
-                                    ["zeros", "addmm"]),  # zeros: the metadata's count table; addmm: the base
+                                    ["addmm", "zeros"]),  # the base GEMM first, then the metadata's count table
     ("topk", "bwd", 8192, "H200"): (["_grouped_pair_gemm_kernel", "_grouped_wgrad_kernel", "_grouped_wgrad_kernel",
                                      "_grouped_expand_kernel", "_grouped_expand_kernel"],
                                     ["zeros_like", "zeros", "_to_copy", "_to_copy", "mm"]),  # mm: dx = dY W
@@ -81,7 +81,6 @@ def _real_run(T, E, k, mode, card):
     """The Triton launchers on real CPU tensors in the interpreter, launches recorded on their way through."""
     from personafuse_kernels.autograd import Needs
     from personafuse_kernels.dispatch import get_backend_ops, topk_block_m
-    from personafuse_kernels.routing.topk import build_routing_metadata
 
     torch.manual_seed(0)
     K, N, r = 64, 48, 8
@@ -95,9 +94,9 @@ def _real_run(T, E, k, mode, card):
         if k:
             top = torch.softmax(torch.randn(T, E), -1).topk(k)
             indices, weights = top.indices, top.values
-            meta = build_routing_metadata(indices, E, topk_block_m("triton", T, k))
             ops = get_backend_ops("triton", topk=True)
-            y, saved = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0, meta)
+            y, saved, meta = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0,
+                                         topk_block_m("triton", T, k))
             if mode == "bwd":
                 launches.clear()
                 ops.backward(torch.randn_like(y), x, W, A, B, indices, weights, scaling, seed, saved, 0.0, meta, needs)

@@ -15,7 +15,6 @@ from personafuse_kernels.dispatch import get_backend_ops, topk_block_m
 from personafuse_kernels.perf.cards import CARDS
 from personafuse_kernels.perf.dryrun import recording
 from personafuse_kernels.perf.explain import _inputs
-from personafuse_kernels.routing.topk import build_routing_metadata
 
 # (backend, T, E, k): (forward: triton launches, aten launches, allocations), (backward: the same).
 # K = N = 4096, r = 16, bf16, W frozen. Top-k forwards include building the routing metadata: on a GPU three
@@ -38,9 +37,9 @@ def run(backend, T, E, k):
     with recording(CARDS["H200"]) as fwd:
         if k:
             indices, weights = gates
-            meta = build_routing_metadata(indices, E, topk_block_m(backend, T, k))
             ops = get_backend_ops(backend, topk=True)
-            y, saved = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0, meta)
+            y, saved, meta = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0,
+                                         topk_block_m(backend, T, k))
         else:
             ops = get_backend_ops(backend)
             y, saved = ops.forward(x, W, b, A, B, gates, scaling, seed, 1, 0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..routing.topk import RoutingMeta
+from ..routing.topk import RoutingMeta, build_routing_metadata
 from . import routed_lora_cuda, routed_lora_topk_torch, routed_lora_torch
 
 
@@ -38,18 +38,20 @@ def _pair_weights(weights, scaling):
     return weights.float().reshape(-1).contiguous(), scaling.float().contiguous()
 
 
-def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta: RoutingMeta):
-    """(y [T, N], H [P, r]) with P = T * k pairs (or the dense reference's saved tensor when not grouped)."""
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, block_m: int):
+    """(y [T, N], H [P, r], meta) with P = T * k pairs (or the dense reference's saved tensor when not grouped).
+    The base GEMM is launched before the routing metadata is built."""
     if not grouped_supported(x, lora_A.shape[1]):
         return routed_lora_topk_torch.forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed,
-                                              dropout_p, meta)
+                                              dropout_p, block_m)
     ops = routed_lora_cuda.kernel_ops()
     w_pair, s32 = _pair_weights(weights, scaling)
     x = x.contiguous()
     y = F.linear(x, weight, bias)
+    meta = build_routing_metadata(indices, lora_A.shape[0], block_m)
     H, Hg = ops.topk_pair_shrink(x, lora_A.contiguous(), w_pair, s32, seed, *_route(meta), dropout_p)
     ops.topk_expand_y_(y, Hg, lora_B.contiguous(), *_route(meta))
-    return y, H
+    return y, H, meta
 
 
 def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, dropout_p: float,

@@ -9,7 +9,7 @@ metadata arguments are unused here.
 """
 from __future__ import annotations
 
-from ..routing.topk import dense_gates, slot_values
+from ..routing.topk import build_routing_metadata, dense_gates, slot_values
 from . import routed_lora_torch
 
 
@@ -19,10 +19,12 @@ def saved_like(x, lora_A, indices):
     return x.new_empty(x.shape[0], E * r)
 
 
-def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta):
-    """Returns (y [T, N], saved): saved is H [T, E*r] of the dense formulation."""
-    return routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, dense_gates(indices, weights, lora_A.shape[0]),
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, block_m: int):
+    """Returns (y [T, N], saved, meta): saved is H [T, E*r] of the dense formulation; the routing metadata (unused
+    here) is built like the grouped backends' for the same backward contract."""
+    y, H = routed_lora_torch.forward(x, weight, bias, lora_A, lora_B, dense_gates(indices, weights, lora_A.shape[0]),
                                      scaling, seed, 1, dropout_p)
+    return y, H, build_routing_metadata(indices, lora_A.shape[0], block_m)
 
 
 def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, saved, dropout_p: float, meta, needs):

@@ -6,14 +6,15 @@ forward:  base y = x W^T + b (cuBLAS); grouped shrink H, Hg [P, r] (x rows gathe
           Hg B_e^T into the rows of y (each token once per slot: no atomics, deterministic)
 backward: grouped dHg = dY[tok] B_e with dweights and dH in the epilogue; dB_e, dA_e as per-expert reductions
           over each expert's contiguous pairs; dx = dY W (cuBLAS) + for each slot drop'(dH A_e) into its rows
-The metadata (RoutingMeta) is built once per call, before forward, and reused by backward.
+The metadata (RoutingMeta) is built once per call by forward, after the base GEMM is launched, and reused by
+backward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..routing.topk import RoutingMeta
+from ..routing.topk import RoutingMeta, build_routing_metadata
 from . import routed_lora_torch
 from . import triton_grouped_kernels as gk
 from .launch_configs import get_config
@@ -103,18 +104,20 @@ def _prepare(x, weight, lora_A, indices, weights, scaling):
             scaling.float().contiguous())
 
 
-def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, meta: RoutingMeta):
-    """(y [T, N], H [P, r]) with P = T * k pairs."""
+def forward(x, weight, bias, lora_A, lora_B, indices, weights, scaling, seed, dropout_p: float, block_m: int):
+    """(y [T, N], H [P, r], meta) with P = T * k pairs. The base GEMM is launched first, so the GPU runs it while
+    the host issues the routing metadata's launches."""
     K, N, E, r, P, w_pair, scaling32 = _prepare(x, weight, lora_A, indices, weights, scaling)
+    y = F.linear(x, weight, bias)
+    meta = build_routing_metadata(indices, E, block_m)
     H = x.new_empty(P, r)
     Hg = x.new_empty(P, r)
-    y = F.linear(x, weight, bias)
     if P == 0:
-        return y, H
+        return y, H, meta
     pair_shrink(x, lora_A, w_pair, scaling32, seed, H, Hg, meta, r=r, dropout_p=dropout_p)
     # lora_B [E, N, r] read as M[e, j, n] at e*N*r + j + n*r
     _expand(y, Hg, lora_B, (N * r, 1, r), seed, meta, r, 0.0)
-    return y, H
+    return y, H, meta
 
 
 def backward(dy, x, weight, lora_A, lora_B, indices, weights, scaling, seed, H, dropout_p: float,

@@ -119,7 +119,6 @@ def _autograd_provider(fn, inputs, mode, card, k):
 def _backend_provider(name: str, inputs, mode, card, k, needs):
     """This package's backend modules, called as RoutedLoRAFunction / RoutedLoRATopKFunction call them."""
     from ..dispatch import get_backend_ops, topk_block_m
-    from ..routing.topk import build_routing_metadata
 
     x, W, b, A, B, gates, scaling = inputs
     seed = torch.empty(0, device="meta", dtype=torch.int64)
@@ -127,9 +126,9 @@ def _backend_provider(name: str, inputs, mode, card, k, needs):
     with recording(card) as fwd:
         if k:
             indices, weights = gates
-            meta = build_routing_metadata(indices, A.shape[0], topk_block_m(name, *indices.shape))
             ops = get_backend_ops(name, topk=True)
-            y, saved = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0, meta)
+            y, saved, meta = ops.forward(x, W, b, A, B, indices, weights, scaling, seed, 0.0,
+                                         topk_block_m(name, *indices.shape))
         else:
             ops = get_backend_ops(name)
             y, saved = ops.forward(x, W, b, A, B, gates, scaling, seed, 1, 0.0)
