@@ -1,9 +1,10 @@
 """The routed LoRA op as torch.library custom ops, and the autograd Function that ties them together.
 
-    personafuse::routed_lora_forward(x, weight, bias?, lora_A, lora_B, gates, scaling, seed, seq_len,
+    personafuse::routed_lora_forward(x, weight, bias?, lora_A, lora_B, gates, scaling, seed, seq_len, seq_ids?,
                                      dropout_p, backend) -> (y [T, N], H [T, E*r])
-    personafuse::routed_lora_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len,
+    personafuse::routed_lora_backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, seq_ids?,
                                       dropout_p, needs..., backend) -> (dx, dW, db, dA, dB, dgates)
+seq_ids: the row map [T] int32 of packed sequences (cu_seqlens), which then replaces seq_len.
 
 Both carry fake (meta) implementations, so torch.compile(fullgraph=True) traces a model with routed layers
 as one opaque op per call, whichever backend runs it. Inputs are the normalized ones of
@@ -42,10 +43,11 @@ class Needs(NamedTuple):
 
 def routed_lora_forward_impl(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, gates: Tensor,
-    scaling: Tensor, seed: Tensor, seq_len: int, dropout_p: float, backend: str,
+    scaling: Tensor, seed: Tensor, seq_len: int, seq_ids: Optional[Tensor], dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
     ops = get_backend_ops(backend)
-    return ops.forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p)
+    rows = seq_ids if seq_ids is not None else seq_len
+    return ops.forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, rows, dropout_p)
 
 
 routed_lora_forward_op = torch.library.custom_op("personafuse::routed_lora_forward", mutates_args=())(
@@ -54,7 +56,7 @@ routed_lora_forward_op = torch.library.custom_op("personafuse::routed_lora_forwa
 
 
 @routed_lora_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, backend):
+def _(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, seq_ids, dropout_p, backend):
     E, r, _ = lora_A.shape
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], E * r)
 
@@ -66,12 +68,14 @@ def _grad_like(t, wanted: bool, shape=None):
 
 def routed_lora_backward_impl(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, gates: Tensor, scaling: Tensor,
-    seed: Tensor, H: Tensor, seq_len: int, dropout_p: float, need_dx: bool, need_dW: bool, need_db: bool,
+    seed: Tensor, H: Tensor, seq_len: int, seq_ids: Optional[Tensor], dropout_p: float, need_dx: bool,
+    need_dW: bool, need_db: bool,
     need_dA: bool, need_dB: bool, need_dgates: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = get_backend_ops(backend)
     needs = Needs(need_dx, need_dW, need_db, need_dA, need_dB, need_dgates)
-    return ops.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p, needs)
+    rows = seq_ids if seq_ids is not None else seq_len
+    return ops.backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, rows, dropout_p, needs)
 
 
 routed_lora_backward_op = torch.library.custom_op("personafuse::routed_lora_backward", mutates_args=())(
@@ -119,8 +123,11 @@ class RoutedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, backend):
+        # seq_len: tokens per gate row, or the row map seq_ids [T] int32 of packed sequences
+        seq_ids = seq_len if isinstance(seq_len, Tensor) else None
+        n = 0 if seq_ids is not None else seq_len
         op = torch.ops.personafuse.routed_lora_forward if _compiling() else routed_lora_forward_impl
-        y, H = op(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, backend)
+        y, H = op(x, weight, bias, lora_A, lora_B, gates, scaling, seed, n, seq_ids, dropout_p, backend)
         ctx.save_for_backward(x, weight, lora_A, lora_B, gates, scaling, seed, H)
         ctx.seq_len, ctx.dropout_p, ctx.backend = seq_len, dropout_p, backend
         ctx.has_bias = bias is not None
@@ -137,7 +144,9 @@ class RoutedLoRAFunction(torch.autograd.Function):
                                             ctx.dropout_p, needs)
         else:
             op = torch.ops.personafuse.routed_lora_backward if _compiling() else routed_lora_backward_impl
-            grads = op(dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H, ctx.seq_len,
+            seq_ids = ctx.seq_len if isinstance(ctx.seq_len, Tensor) else None
+            grads = op(dy.contiguous(), x, weight, lora_A, lora_B, gates, scaling, seed, H,
+                       0 if seq_ids is not None else ctx.seq_len, seq_ids,
                        ctx.dropout_p, *needs, ctx.backend)
         return (*needs.keep(grads), None, None, None, None, None)
 

@@ -12,7 +12,7 @@ from .autograd import RoutedLoRADeltaFunction, RoutedLoRAFunction, RoutedLoRATop
 from .dispatch import resolve_backend, resolve_topk_backend
 from .ops.dropout import keep_mask, new_seed
 from .ops.routed_lora_torch import routed_lora_reference
-from .routing.gates import normalize_gates, token_gates
+from .routing.gates import NormalizedGates, normalize_gates, packed_rows, token_gates
 from .routing.topk import TopKGates
 
 
@@ -114,7 +114,48 @@ def _autocast(tensors, device_type: str):
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-def _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p: float) -> Tensor:
+def _check_cu_seqlens(cu_seqlens, x: Tensor, gates) -> None:
+    """cu_seqlens [B + 1] of packed sequences in x [T, K] with per-sequence gates [B, E]: 0 = c_0 <= ... <= c_B = T.
+    On a GPU the value checks are device-side asserts (no host sync); on a CPU they raise here."""
+    if isinstance(gates, TopKGates):
+        raise ValueError("cu_seqlens gives per-sequence gates [B, E] to packed tokens; top-k gates are per token")
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a tensor [B + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be [B + 1] (one start per sequence, then T), got {tuple(cu_seqlens.shape)}")
+    if x.dim() != 2:
+        raise ValueError(f"with cu_seqlens, x must be the packed tokens [T, K], got {tuple(x.shape)}")
+    B = cu_seqlens.numel() - 1
+    if gates.dim() != 2 or gates.shape[0] != B:
+        raise ValueError(f"with cu_seqlens [B + 1] = {tuple(cu_seqlens.shape)}, gates must be [B, E] = [{B}, E] (one "
+                         f"mix per packed sequence), got {tuple(gates.shape)}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens must be on x's device {x.device}, got {cu_seqlens.device}")
+    T = x.shape[0]
+    if cu_seqlens.device.type == "meta":
+        return
+    ok_first, ok_last = cu_seqlens[0] == 0, cu_seqlens[-1] == T
+    ok_order = (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+    if cu_seqlens.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok_first & ok_last & ok_order, "cu_seqlens must start at 0, end at T and not decrease")
+        return
+    if not bool(ok_first) or not bool(ok_last):
+        raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}; got {cu_seqlens[0].item()} ... "
+                         f"{cu_seqlens[-1].item()}")
+    if not bool(ok_order):
+        raise ValueError(f"cu_seqlens must not decrease (sequence lengths >= 0), got {cu_seqlens.tolist()}")
+
+
+def _normalized(gates, x: Tensor, E: int, cu_seqlens) -> NormalizedGates:
+    """The gates as the backends take them: [G, E] with tokens per row, or with the packed row map."""
+    if cu_seqlens is not None:
+        return NormalizedGates(gates.contiguous(), packed_rows(cu_seqlens, x.shape[0]))
+    return normalize_gates(gates, x.shape, E)
+
+
+def _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p: float, cu_seqlens=None) -> Tensor:
     """Shapes no kernel is built for, which nn.Linear accepts: no tokens (x [0, K], or sequences of length 0),
     K = 0 or N = 0, and meta tensors (shape inference, meta-device init). The per-expert reference through
     autograd gives the right shape, values and (zero where nothing was computed) gradients."""
@@ -123,7 +164,7 @@ def _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p: float) -
     T = math.prod(x.shape[:-1])
     if isinstance(gates, TopKGates):
         gates = gates.to_dense(E)
-    norm = normalize_gates(gates, x.shape, E)
+    norm = _normalized(gates, x, E, cu_seqlens)
     x2 = x.reshape(T, K)
     keep = keep_mask(seed, T, K, p) if p > 0.0 else None
     y = routed_lora_reference(x2, weight, bias, lora_A, lora_B, token_gates(norm.gates, norm.seq_len), scale,
@@ -141,6 +182,7 @@ def routed_lora(
     scaling: Union[float, Tensor] = 1.0,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
 
@@ -156,10 +198,15 @@ def routed_lora(
         scaling: float, or tensor [E] (alpha / r per expert)
         dropout_p: dropout on the LoRA branch's input (pass 0 in eval); the mask is regenerated in backward
         backend: "auto", "torch", "triton" or "cuda" (PERSONAFUSE_BACKEND overrides "auto")
+        cu_seqlens: [B + 1] int32/int64, for x [T, K] holding B sequences back to back (flash-attention's varlen
+                 convention: 0 = c_0 <= ... <= c_B = T) and gates [B, E]: sequence b's tokens use gates[b].
+                 The kernels read a [T] int32 row map built on the device; gradients reach gates [B, E].
     Returns:
         y [..., N] in x's dtype. Gradients flow to x, weight, bias, lora_A, lora_B and gates.
     """
     _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, x, gates)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B], x.device.type)
     E, r = lora_A.shape[0], lora_A.shape[1]
     K, N = x.shape[-1], weight.shape[0]
@@ -169,10 +216,10 @@ def routed_lora(
     p = float(dropout_p)
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
     if x.device.type == "meta":
-        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p)
+        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p, cu_seqlens)
     name = resolve_backend(backend, x.device, x.dtype, T)  # a forced backend that cannot run still raises
     if T == 0 or K == 0 or N == 0:
-        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p)
+        return _degenerate(x, weight, bias, lora_A, lora_B, gates, scale, seed, p, cu_seqlens)
     # the kernels' layout: x [T, K], every operand contiguous
     operands = (x.reshape(T, K).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
                 lora_A.contiguous(), lora_B.contiguous())
@@ -184,7 +231,7 @@ def routed_lora(
             y = RoutedLoRATopKFunction.apply(*operands, indices, weights, scale, seed, p, grouped)
             return y.view(*lead, N)
         gates = gates.to_dense(E)  # the dense stacked path, zeros off the top-k
-    norm = normalize_gates(gates, x.shape, E)
+    norm = _normalized(gates, x, E, cu_seqlens)
     y = RoutedLoRAFunction.apply(*operands, norm.gates, scale, seed, norm.seq_len, p, name)
     return y.view(*lead, N)
 
@@ -198,6 +245,7 @@ def routed_lora_delta(
     dropout_p: float = 0.0,
     backend: str = "auto",
     out: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
 ) -> Tensor:
     """The routed term alone, sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T, for a base computed elsewhere (a
     quantized layer, an engine's GEMM, an fp32 accumulator).
@@ -207,9 +255,12 @@ def routed_lora_delta(
         out: [..., N] in any float dtype on x's device, or None. Given, the term is added into it in place and
              out is returned; autograd records an in-place add, as out.add_(delta) would (out may not be a leaf
              that requires grad). None: a new tensor in x's dtype holding the term.
+        cu_seqlens: packed sequences with per-sequence gates, as routed_lora.
     Top-k gates run the dense path here (zeros off the top-k).
     """
     _validate(x, None, None, lora_A, lora_B, gates, dropout_p)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, x, gates)
     E = lora_A.shape[0]
     K, N = x.shape[-1], lora_B.shape[1]
     lead = x.shape[:-1]
@@ -235,7 +286,7 @@ def routed_lora_delta(
     seed = new_seed(x.device) if p > 0.0 else torch.empty(0, dtype=torch.int64, device=x.device)
     if isinstance(gates, TopKGates):
         gates = gates.to_dense(E)
-    norm = normalize_gates(gates, x.shape, E)
+    norm = _normalized(gates, x, E, cu_seqlens)
     x2 = x.reshape(T, K).contiguous()
     if x.device.type == "meta" or T == 0 or K == 0 or N == 0 or torch.compiler.is_compiling():
         # torch ops (torch.compile traces them; meta tensors and empty shapes need no kernel)

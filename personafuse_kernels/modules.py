@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .functional import routed_lora, routed_lora_delta
 from .routing.routers import RouterOutput, SequenceRouter, TokenRouter
+from .routing.topk import TopKGates
 
 ROUTER_MODES = ("token", "sequence", "external")
 
@@ -192,12 +193,12 @@ class RoutedLoRALinear(nn.Module):
             raise ValueError(f"a context embedding needs router='sequence', this layer has {self.router_mode!r}")
         self._context = context
 
-    def compute_gates(self, x: Tensor) -> Tensor:
+    def compute_gates(self, x: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
         if self.router_mode == "token":
             self.router_output = self.router(x)
             return self.router_output.gates
         if self.router_mode == "sequence":
-            return self.router(x, attention_mask=self._attention_mask, context=self._context)
+            return self.router(x, attention_mask=self._attention_mask, context=self._context, cu_seqlens=cu_seqlens)
         g = self._external_gates
         if g is None:
             raise RuntimeError("this RoutedLoRALinear has router='external': call set_gates(gates [B, E]) "
@@ -255,7 +256,10 @@ class RoutedLoRALinear(nn.Module):
         self._merged_version = None
         self.merged_gates = None
 
-    def forward(self, x: Tensor, gates: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, gates: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """x [..., K]; gates: this call's gates instead of the router's. cu_seqlens [B + 1]: x [T, K] packs B
+        sequences (flash-attention's varlen convention); per-sequence gates (the sequence router's, or gates [B, E])
+        apply to their tokens, per-token gates are per token as ever."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor [..., {self.in_features}], got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
@@ -275,15 +279,17 @@ class RoutedLoRALinear(nn.Module):
                               "lora_B and the router get no gradient; unmerge() before training", stacklevel=2)
             return self.base_layer(x)
         if gates is None:
-            gates = self.compute_gates(x)
+            gates = self.compute_gates(x, cu_seqlens)
         dropout = self.dropout if self.training else 0.0
+        if cu_seqlens is not None and (isinstance(gates, TopKGates) or gates.shape[:-1] == x.shape[:-1]):
+            cu_seqlens = None  # per-token gates: the packing does not matter
         if not self.fused_base:  # the base layer computes its own output; the routed term goes into it in place
             y = self.base_layer(x)
             xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
             return routed_lora_delta(xa, self.lora_A, self.lora_B, gates, scaling=self.scaling, dropout_p=dropout,
-                                     backend=self.backend, out=y)
+                                     backend=self.backend, out=y, cu_seqlens=cu_seqlens)
         return routed_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, gates,
-                           scaling=self.scaling, dropout_p=dropout, backend=self.backend)
+                           scaling=self.scaling, dropout_p=dropout, backend=self.backend, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         top_k = getattr(self.router, "top_k", None)

@@ -121,7 +121,7 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                           for op in ("shrink", "gemm", "dhg", "wgrad_a", "wgrad_b"))
     small = t_bucket <= lc.SMALL_T
     kw = dict(regime="decode" if small else "large", path="dense", dtype=dtype)
-    gates = {"GATES": "fp32", "SCALING": "fp32", "T": T, "R": r, "E": E, "SEQ_LEN": 1}
+    gates = {"GATES": "fp32", "SCALING": "fp32", "SEQ_ID": "fp32", "T": T, "R": r, "E": E, "SEQ_LEN": 1}
     out = []
     split = max(1, min(sc.split_k if small else 1, -(-K // sc.block_k)))  # as routed_lora_triton.shrink
     for p in (0.0, P_DROP):
@@ -129,12 +129,13 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                         {"X": "dt", "A": "dt", "SEED": "i64", "H": "dt", "HG": "dt",
                          "PARTIAL": "fp32" if split > 1 else "dt", "K": K, "C": C, **gates, "dropout_p": p,
                          "dropout_scale": 1 / (1 - p)},
-                        {"HAS_DROPOUT": p > 0, "SPLIT_K": split, "BLOCK_M": sc.block_m, "BLOCK_C": sc.block_c,
+                        {"HAS_DROPOUT": p > 0, "HAS_SEQ_ID": False, "SPLIT_K": split, "BLOCK_M": sc.block_m,
+                         "BLOCK_C": sc.block_c,
                          "BLOCK_K": sc.block_k, **DOT}, {"num_warps": sc.num_warps}, hot=hot, **kw))
     if split > 1:
         out.append(case("shrink_finalize", tk._shrink_finalize_kernel,
                         {"PARTIAL": "fp32", "H": "dt", "HG": "dt", "C": C, **gates},
-                        {"SPLIT_K": split, "BLOCK_M": sc.block_m, "BLOCK_C": sc.block_c},
+                        {"HAS_SEQ_ID": False, "SPLIT_K": split, "BLOCK_M": sc.block_m, "BLOCK_C": sc.block_c},
                         {"num_warps": sc.num_warps}, hot=hot, **kw))
     tiles = {"BLOCK_M": gc.block_m, "BLOCK_N": gc.block_n, "BLOCK_K": gc.block_k, "BLOCK_K2": gc.block_k2,
              "GROUP_M": gc.group_m, **DOT}
@@ -163,7 +164,8 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
     out.append(case("dhg", tk._dhg_kernel,
                     {"DY": "dt", "B": "dt", "H": "dt", "DH": "dt", "DG": "fp32", "N": N, **gates, "s_be": N * r,
                      "s_bn": r, "s_bj": 1},
-                    {"BLOCK_M": dc.block_m, "BLOCK_N": dc.block_n, "EXPERTS_PER_BLOCK": experts_per_block,
+                    {"HAS_SEQ_ID": False, "BLOCK_M": dc.block_m, "BLOCK_N": dc.block_n,
+                     "EXPERTS_PER_BLOCK": experts_per_block,
                      "R_PAD": r_pad, **DOT}, {"num_warps": dc.num_warps}, hot=hot, **kw))
     split_t = 1 if small else 2  # routed_lora_triton._split_t on 132 SMs: about two waves of tiles
     for role, q_mode, (I, J), p, wc in (("dB", tk.Q_GATED, (N, C), 0.0, wb), ("dA", tk.Q_PLAIN, (C, K), 0.0, wa),
@@ -172,7 +174,8 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                         {"P": "dt", "Q": "dt", "SEED": "i64", "OUT": "fp32", **gates, "I": I, "J": J, "s_pt": I,
                          "s_pi": 1, "s_qt": J, "s_qj": 1, "s_os": I * J if split_t > 1 else 0, "s_oi": J, "s_oj": 1,
                          "dropout_p": p, "dropout_scale": 1 / (1 - p)},
-                        {"Q_MODE": q_mode.value, "ATOMIC": False, "SPLIT_T": split_t, "BLOCK_I": wc.block_i,
+                        {"Q_MODE": q_mode.value, "HAS_SEQ_ID": False, "ATOMIC": False, "SPLIT_T": split_t,
+                         "BLOCK_I": wc.block_i,
                          "BLOCK_J": wc.block_j, "BLOCK_T": wc.block_t, **DOT}, {"num_warps": wc.num_warps},
                         hot=hot, **kw))
     return out

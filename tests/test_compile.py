@@ -83,3 +83,19 @@ def test_topk_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.personafuse.routed_lora_topk_backward,
                           (torch.randn(6, 5), x, w, A, B, idx, wts, s, seed, saved, *tensors, 16, 0.0,
                            True, False, False, True, True, True, "torch"))
+
+
+def test_compile_fullgraph_with_packed_sequences():
+    """cu_seqlens under torch.compile(fullgraph=True): the checks become device-side asserts, the row map is built
+    by traced torch ops, and the custom op takes it as its optional seq_ids."""
+    import personafuse_kernels as pfk
+
+    x, W, b = torch.randn(12, 16), torch.randn(8, 16), torch.randn(8)
+    A, B = torch.randn(3, 4, 16), torch.randn(3, 8, 4)
+    gates = torch.rand(3, 3)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+
+    def f(x, gates, cu):
+        return pfk.routed_lora(x, W, b, A, B, gates, scaling=2.0, backend="torch", cu_seqlens=cu)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x, gates, cu), f(x, gates, cu))

@@ -250,3 +250,29 @@ def test_cuda_delta_into_out(cuda_backend_on_cpu, T, out_dtype):
     ref = run("torch", torch.float64, torch.float64)
     for gv, s, rv, name in zip(got, same, ref, ["delta", "x", "lora_A", "lora_B", "gates"]):
         assert_within_3x(gv.float(), s.float(), rv, name)
+
+
+@pytest.mark.parametrize("lengths", [[1, 7, 0, 13], [1, 7, 0, 133]])  # the decode kernel (T <= 64), tensor cores
+def test_cuda_packed_sequences(cuda_backend_on_cpu, lengths):
+    """cu_seqlens on the cuda backend: its kernels take per-token gates gathered by the row map, and the gates'
+    gradient is summed back per sequence; bf16 by the 3x rule against the torch backend."""
+    import personafuse_kernels as pfk
+
+    g = torch.Generator().manual_seed(6)
+    T, K, N, E, r = sum(lengths), 48, 40, 8, 16
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    leaves = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+                  lora_B=rnd(E, N, r, scale=r**-0.5), gates=torch.rand(len(lengths), E, generator=g))
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    dy = rnd(T, N)
+
+    def run(backend, dtype):
+        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
+               for k, v in leaves.items()}
+        y = pfk.routed_lora(*ins.values(), scaling=2.0, backend=backend, cu_seqlens=cu)
+        y.backward(dy.to(dtype))
+        return [y.detach()] + [ins[k].grad for k in leaves]
+
+    got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
+    for gv, s, rv, name in zip(got, same, ref, ["y", "x", "weight", "bias", "lora_A", "lora_B", "gates"]):
+        assert_within_3x(gv.float(), s.float(), rv, name)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from .._extension import require_extension
+from ..routing.gates import row_sums, token_gates
 from . import routed_lora_torch
 
 TENSOR_CORE_MAX_RANK = 128  # csrc/include/pfk_lora.h kTensorCoreMaxRank
@@ -45,30 +46,43 @@ def _sm80_or_newer(device: torch.device) -> bool:
     return device.type != "cuda" or _sm80(device.index)  # CPU: the emulated build in tests
 
 
+def _kernel_layout(gates, seq_len):
+    """(gates, seq_len) as the CUDA kernels take them: a row map (packed sequences) becomes per-token gates [T, E]
+    with seq_len 1 (the kernels index rows as t // seq_len; the Triton backend reads the map in place)."""
+    if isinstance(seq_len, torch.Tensor):
+        return token_gates(gates, seq_len), 1
+    return gates, seq_len
+
+
 class CudaGateOps(routed_lora_torch.TorchGateOps):
     @staticmethod
-    def forward(H, gates, scaling, seq_len: int):
-        return kernel_ops().gate_forward(H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len)
+    def forward(H, gates, scaling, seq_len):
+        g, rows = _kernel_layout(gates, seq_len)
+        return kernel_ops().gate_forward(H.contiguous(), g.float().contiguous(), scaling.float(), rows)
 
     @staticmethod
-    def backward(dHg, H, gates, scaling, seq_len: int):
-        return kernel_ops().gate_backward(
-            dHg.contiguous(), H.contiguous(), gates.float().contiguous(), scaling.float(), seq_len
-        )
+    def backward(dHg, H, gates, scaling, seq_len):
+        g, rows = _kernel_layout(gates, seq_len)
+        dH, dg = kernel_ops().gate_backward(dHg.contiguous(), H.contiguous(), g.float().contiguous(), scaling.float(),
+                                            rows)
+        return dH, row_sums(dg, gates.shape[0], seq_len) if isinstance(seq_len, torch.Tensor) else dg
 
     @classmethod
-    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float):
+    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len, dropout_p: float):
         if not use_tensor_core_kernels(x, lora_A.shape[1]):
             return super().shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p)
-        return kernel_ops().lora_shrink(x.contiguous(), lora_A.contiguous(), gates.float().contiguous(),
-                                        scaling.float().contiguous(), seed, seq_len, dropout_p)
+        g, rows = _kernel_layout(gates, seq_len)
+        return kernel_ops().lora_shrink(x.contiguous(), lora_A.contiguous(), g.float().contiguous(),
+                                        scaling.float().contiguous(), seed, rows, dropout_p)
 
     @classmethod
-    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
+    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len):
         if not use_tensor_core_kernels(dy, lora_B.shape[2]):
             return super().dhg_backward(dy, lora_B, H, gates, scaling, seq_len)
-        return kernel_ops().lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(),
-                                     gates.float().contiguous(), scaling.float().contiguous(), seq_len)
+        g, rows = _kernel_layout(gates, seq_len)
+        dH, dg = kernel_ops().lora_dhg(dy.contiguous(), lora_B.contiguous(), H.contiguous(), g.float().contiguous(),
+                                       scaling.float().contiguous(), rows)
+        return dH, row_sums(dg, gates.shape[0], seq_len) if isinstance(seq_len, torch.Tensor) else dg
 
 
 DECODE_MAX_TOKENS = 64  # csrc/include/pfk_lora.h kDecodeMaxTokens
@@ -81,17 +95,18 @@ def use_decode_kernel(x, lora_A, dropout_p: float) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16))
 
 
-def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]); same contract as routed_lora_torch.forward."""
     y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS base; the LoRA branch is added in place
     return y, delta_forward(y, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p)
 
 
-def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
     """out [T, N] += the LoRA term, in place; returns H. Same contract as routed_lora_torch.delta_forward."""
     if use_decode_kernel(x, lora_A, dropout_p) and out.dtype == x.dtype:
-        return kernel_ops().lora_decode_(out, x, lora_A, lora_B, gates.float().contiguous(),
-                                         scaling.float().contiguous(), seq_len)
+        g, rows = _kernel_layout(gates, seq_len)
+        return kernel_ops().lora_decode_(out, x, lora_A, lora_B, g.float().contiguous(), scaling.float().contiguous(),
+                                         rows)
     return routed_lora_torch.delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p,
                                            gate_ops=CudaGateOps)
 

@@ -4,7 +4,8 @@
 
 Shapes (normalized by functional.routed_lora; the math in docs/design.md):
     x [T, K], weight [N, K], bias [N] or None, lora_A [E, r, K], lora_B [E, N, r],
-    gates [G, E] with seq_len tokens per row (T = G * seq_len), scaling [E], seed int64 [1] or [0].
+    gates [G, E] with seq_len tokens per row (T = G * seq_len), or seq_len the row map seq_ids [T] int32 of packed
+    sequences (routing/gates.py), scaling [E], seed int64 [1] or [0].
 
 The stacked two-GEMM formulation with its backward written out (no autograd through ops): this is the
 math every kernel backend must reproduce, forward and every gradient.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..routing.gates import token_gates
+from ..routing.gates import row_sums, token_gates
 from .dropout import apply_dropout
 
 
@@ -37,7 +38,7 @@ class TorchGateOps:
     """
 
     @staticmethod
-    def forward(H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len: int) -> torch.Tensor:
+    def forward(H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len) -> torch.Tensor:
         """Hg = H * s_e * g[t // seq_len, e];  H [T, E*r] -> Hg [T, E*r] in H's dtype."""
         T, width = H.shape
         E = gates.shape[1]
@@ -46,7 +47,7 @@ class TorchGateOps:
         return (H.view(T, E, width // E).to(cdt) * gs[:, :, None]).to(H.dtype).view(T, width)
 
     @staticmethod
-    def backward(dHg: torch.Tensor, H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len: int):
+    def backward(dHg: torch.Tensor, H: torch.Tensor, gates: torch.Tensor, scaling: torch.Tensor, seq_len):
         """(dH [T, E*r] in H's dtype, dgates [G, E] in float32 or float64)."""
         T, width = H.shape
         G, E = gates.shape
@@ -55,18 +56,18 @@ class TorchGateOps:
         dHg3 = dHg.view(T, E, width // E).to(cdt)
         dg_tok = (dHg3 * H.view(T, E, width // E).to(cdt)).sum(-1) * s  # [T, E]
         dH = (dHg3 * token_gates(gates.to(cdt) * s, seq_len)[:, :, None]).to(H.dtype).view(T, width)
-        dgates = dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)
+        dgates = row_sums(dg_tok, G, seq_len)
         return dH, dgates
 
     @classmethod
-    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float):
+    def shrink(cls, x, lora_A, gates, scaling, seed, seq_len, dropout_p: float):
         """(H, Hg): H = drop(x) A_cat^T [T, E*r], Hg its gated copy."""
         E, r, K = lora_A.shape
         H = apply_dropout(x, seed, dropout_p) @ lora_A.reshape(E * r, K).t()
         return H, cls.forward(H, gates, scaling, seq_len)
 
     @classmethod
-    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len: int):
+    def dhg_backward(cls, dy, lora_B, H, gates, scaling, seq_len):
         """(dH, dgates) from dy [T, N] through dHg = dy B_cat and the gate's backward."""
         return cls.backward(dy @ _b_cat(lora_B), H, gates, scaling, seq_len)
 
@@ -83,7 +84,7 @@ def _b_cat(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.permute(1, 0, 2).reshape(N, E * r)  # [N, E*r]
 
 
-def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float,
             gate_ops=TorchGateOps):
     """Returns (y [T, N], H [T, E*r]); H is kept for backward."""
     # the LoRA term goes in place into the fresh base output: an out-of-place addmm would copy y first, then read
@@ -92,7 +93,7 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int,
     return y, delta_forward(y, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p, gate_ops)
 
 
-def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float,
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float,
                   gate_ops=TorchGateOps) -> torch.Tensor:
     """out [T, N] += sum_e s_e g (drop(x) A_e^T) B_e^T, in place, in out's dtype (an fp32 accumulator takes the
     small operands Hg [T, C] and B_cat [N, C] in fp32). Returns H [T, E*r] for backward."""
@@ -101,7 +102,7 @@ def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dr
     return H
 
 
-def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float,
+def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p: float,
              needs: tuple[bool, bool, bool, bool, bool, bool], gate_ops=TorchGateOps):
     """Gradients (dx, dW, db, dA, dB, dgates) for needs = which of them are wanted; unwanted ones are empty.
 
@@ -116,7 +117,7 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     return dx, dW, db, dA, dB, dg
 
 
-def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float,
+def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p: float,
                    needs: tuple[bool, bool, bool, bool], gate_ops=TorchGateOps):
     """Gradients (dx, dA, dB, dgates) of the LoRA term alone (delta_forward), for needs = (dx, dA, dB, dgates);
     dx is a fresh tensor (the base's backward adds into it), unwanted ones are empty. dy [T, N] in x's dtype."""

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..dispatch import interpreting
+from ..routing.gates import row_sums
 from . import routed_lora_torch
 from . import triton_kernels as tk
 from .launch_configs import SMALL_T, DhgConfig, GemmConfig, ShrinkConfig, WgradConfig, get_config
@@ -59,7 +60,15 @@ def _atomic_reduce() -> bool:
     return os.environ.get("PERSONAFUSE_ATOMIC_REDUCE", "0") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
-def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg: ShrinkConfig):
+def _rows(seq_len, stand_in) -> tuple:
+    """(SEQ_ID, SEQ_LEN, HAS_SEQ_ID) kernel arguments for seq_len, tokens per gate row or the row map [T] int32 of
+    packed sequences (triton_kernels._gate_rows)."""
+    if isinstance(seq_len, torch.Tensor):
+        return seq_len, 1, True
+    return stand_in, seq_len, False
+
+
+def shrink(x, lora_A, gates, scaling, seed, seq_len, dropout_p: float, cfg: ShrinkConfig):
     """(H, Hg) [T, C] in x's dtype. x [T, K], lora_A [E, r, K], gates [G, E] fp32, scaling [E] fp32."""
     T, K = x.shape
     E, r, _ = lora_A.shape
@@ -74,15 +83,16 @@ def shrink(x, lora_A, gates, scaling, seed, seq_len: int, dropout_p: float, cfg:
     scale = 1.0 / (1.0 - dropout_p)
     grid = (cdiv(C, cfg.block_c), cdiv(T, cfg.block_m), split)  # C tiles of a row block adjacent
     check_dot_tiles(cfg.block_m, cfg.block_c, cfg.block_k)
+    seq_id, rows_per, has_seq_id = _rows(seq_len, gates)
     tk._shrink_kernel[grid](
-        x, lora_A, gates, scaling, seed, H, Hg, partial, T, K, C, r, E, seq_len, dropout_p, scale,
-        HAS_DROPOUT=dropout_p > 0.0, SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        x, lora_A, gates, scaling, seed, H, Hg, partial, seq_id, T, K, C, r, E, rows_per, dropout_p, scale,
+        HAS_DROPOUT=dropout_p > 0.0, HAS_SEQ_ID=has_seq_id, SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         BLOCK_K=cfg.block_k, **dot_args(x.dtype), num_warps=cfg.num_warps,
     )
     if split > 1:
         tk._shrink_finalize_kernel[(cdiv(T, cfg.block_m), cdiv(C, cfg.block_c))](
-            partial, gates, scaling, H, Hg, T, C, r, E, seq_len, SPLIT_K=split, BLOCK_M=cfg.block_m,
-            BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
+            partial, gates, scaling, H, Hg, seq_id, T, C, r, E, rows_per, HAS_SEQ_ID=has_seq_id, SPLIT_K=split,
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps,
         )
     return H, Hg
 
@@ -215,7 +225,7 @@ def _prepare(x, N: int, lora_A, gates, scaling) -> Call:
                 scaling.float().contiguous())
 
 
-def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]). Same contract as routed_lora_torch.forward."""
     T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight.shape[0], lora_A, gates, scaling)
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
@@ -247,7 +257,7 @@ def _expand_into(out, Hg, lora_B, seed, cfg: GemmConfig):
               accumulate=True, dropout_term2=False)
 
 
-def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dropout_p: float):
+def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
     """out [T, N] += sum_e s_e g (drop(x) A_e^T) B_e^T in place (any float dtype of out, an fp32 accumulator
     included); returns H [T, E*r]. Same contract as routed_lora_torch.delta_forward."""
     T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, out.shape[1], lora_A, gates, scaling)
@@ -258,7 +268,7 @@ def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len: int, dr
 
 
 
-def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: DhgConfig):
+def dhg(dy, lora_B, H, gates, scaling, seq_len, cfg: DhgConfig):
     """(dH [T, C] in H's dtype, dg_tok [T, E] fp32) from dy [T, N]."""
     T, N = dy.shape
     E, _, r = lora_B.shape
@@ -271,28 +281,30 @@ def dhg(dy, lora_B, H, gates, scaling, seq_len: int, cfg: DhgConfig):
     experts_per_block = max(min(pow2(E), max(1, 64 // r_pad)), cdiv(16, r_pad))
     grid = (cdiv(E, experts_per_block), cdiv(T, cfg.block_m))  # expert blocks of a row block adjacent
     check_dot_tiles(cfg.block_m, cfg.block_n, experts_per_block * r_pad)
+    seq_id, rows_per, has_seq_id = _rows(seq_len, gates)
     tk._dhg_kernel[grid](
-        dy, lora_B, H, gates, scaling, dH, dg_tok, T, N, r, E, seq_len,
+        dy, lora_B, H, gates, scaling, dH, dg_tok, seq_id, T, N, r, E, rows_per,
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EXPERTS_PER_BLOCK=experts_per_block, R_PAD=r_pad,
+        HAS_SEQ_ID=has_seq_id, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EXPERTS_PER_BLOCK=experts_per_block,
+        R_PAD=r_pad,
         **dot_args(dy.dtype), num_warps=cfg.num_warps,
     )
     return dH, dg_tok
 
 
-def wgrad_B(dy, H, gates32, scaling32, seed, *, r: int, seq_len: int, cfg: WgradConfig) -> torch.Tensor:
+def wgrad_B(dy, H, gates32, scaling32, seed, *, r: int, seq_len, cfg: WgradConfig) -> torch.Tensor:
     """dB_cat [N, C] fp32 = dY^T Hg, with Hg = H * s_e g rebuilt from H on load; dy [T, N], H [T, C]."""
     return _tn_gemm(dy, H, dy.shape[1], H.shape[1], tk.Q_GATED.value, gates32, scaling32, seed, r, seq_len, 0.0, cfg)
 
 
-def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len: int, dropout_p: float, cfg: WgradConfig
+def wgrad_A(dH, x, gates32, scaling32, seed, *, r: int, seq_len, dropout_p: float, cfg: WgradConfig
             ) -> torch.Tensor:
     """dA_cat [C, K] fp32 = dH^T drop(x), the dropout mask regenerated from the seed; dH [T, C], x [T, K]."""
     q_mode = (tk.Q_DROPOUT if dropout_p > 0 else tk.Q_PLAIN).value
     return _tn_gemm(dH, x, dH.shape[1], x.shape[1], q_mode, gates32, scaling32, seed, r, seq_len, dropout_p, cfg)
 
 
-def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len: int, dropout_p: float,
+def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len, dropout_p: float,
              cfg: WgradConfig):
     """out [I, J] fp32 = P^T q over T; p [T, I], q [T, J], q as q_mode says (triton_kernels.Q_*)."""
     T = p.shape[0]
@@ -307,18 +319,20 @@ def _tn_gemm(p, q, I: int, J: int, q_mode, gates, scaling, seed, r: int, seq_len
         return out
     E = gates.shape[1]
     check_dot_tiles(cfg.block_i, cfg.block_j, cfg.block_t)
+    seq_id, rows_per, has_seq_id = _rows(seq_len, gates)
     tk._tn_gemm_kernel[(cdiv(I, cfg.block_i), cdiv(J, cfg.block_j), split)](
-        p, q, gates, scaling, seed, out, T, I, J, r, E, seq_len,
+        p, q, gates, scaling, seed, out, seq_id, T, I, J, r, E, rows_per,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         out.stride(0) if out.dim() == 3 else 0, out.stride(-2), out.stride(-1),
         dropout_p, 1.0 / (1.0 - dropout_p),
-        Q_MODE=q_mode, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.block_i, BLOCK_J=cfg.block_j, BLOCK_T=cfg.block_t,
+        Q_MODE=q_mode, HAS_SEQ_ID=has_seq_id, ATOMIC=atomic, SPLIT_T=split, BLOCK_I=cfg.block_i,
+        BLOCK_J=cfg.block_j, BLOCK_T=cfg.block_t,
         **dot_args(p.dtype), num_warps=cfg.num_warps,
     )
     return out.sum(0) if out.dim() == 3 else out
 
 
-def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
+def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p: float, needs):
     """(dx, dW, db, dA, dB, dgates); same contract as routed_lora_torch.backward."""
     need_dx, need_dW, need_db, need_dA, need_dB, need_dg = needs
     call = _prepare(x, weight.shape[0], lora_A, gates, scaling)
@@ -341,7 +355,7 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len: in
     return dx, dW, db, dA, dB, dg
 
 
-def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int, dropout_p: float, needs):
+def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len, dropout_p: float, needs):
     """(dx, dA, dB, dgates) of the LoRA term alone; same contract as routed_lora_torch.delta_backward."""
     need_dx, need_dA, need_dB, need_dg = needs
     call = _prepare(x, lora_B.shape[1], lora_A, gates, scaling)
@@ -357,7 +371,7 @@ def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len: int,
     return dx, dA, dB, dg
 
 
-def _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len: int, dropout_p: float, call: Call, need_dA: bool,
+def _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len, dropout_p: float, call: Call, need_dA: bool,
                 need_dB: bool, need_dg: bool):
     """(dH [T, C], dA, dB, dgates) of one backward: the dHg kernel, then the two weight-gradient reductions."""
     T, K, N, E, r, C, cfgs, gates32, scaling32 = call
@@ -372,7 +386,7 @@ def _lora_grads(dy, x, lora_A, lora_B, gates, seed, H, seq_len: int, dropout_p: 
                      cfg=cfgs.wgrad_a).view(E, r, K).to(lora_A.dtype)
     if need_dg:
         G = gates.shape[0]
-        dg = (dg_tok if seq_len == 1 else dg_tok.view(G, seq_len, E).sum(1)).to(gates.dtype)
+        dg = row_sums(dg_tok, G, seq_len).to(gates.dtype)
     else:
         dg = gates.new_empty(0)
     return dH, dA, dB, dg

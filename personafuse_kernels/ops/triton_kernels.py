@@ -3,7 +3,8 @@
 Names follow docs/design.md: T tokens, K in-features, N out-features, E experts of rank r, C = E * r.
 A_cat = lora_A viewed [C, K]; B_cat[n, c] = lora_B[c // r, n, c % r] (never materialized: kernels index
 lora_B's [E, N, r] layout directly with the strides s_e, s_j of the expert and rank dims).
-Gates are normalized: gates [G, E] float32 with token t on row t // seq_len. All accumulation is fp32.
+Gates are normalized: gates [G, E] float32 with token t on row t // seq_len, or on row SEQ_ID[t] (packed
+sequences: HAS_SEQ_ID, SEQ_ID [T] int32 from cu_seqlens). All accumulation is fp32.
 
     _shrink_kernel       H = drop(x) A_cat^T; epilogue Hg = H * s_e g[t, e]   (or split-K fp32 partials)
     _shrink_finalize     sums split-K partials, same epilogue                  (small T, decode)
@@ -33,13 +34,23 @@ def _dropout_keep(seed, offsets, dropout_p):
 
 
 @triton.jit
-def _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, stride_h):
-    """Round acc [BM, BC] to H's dtype, store H, and store Hg = H * s_e * g[t // seq_len, e], e = c // r."""
+def _gate_rows(offs_t, T, SEQ_LEN, SEQ_ID, HAS_SEQ_ID: tl.constexpr):
+    """The gate row of each token: t // seq_len, or SEQ_ID[t] for packed sequences."""
+    if HAS_SEQ_ID:
+        return tl.load(SEQ_ID + offs_t, mask=offs_t < T, other=0)
+    return offs_t // SEQ_LEN
+
+
+@triton.jit
+def _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, SEQ_ID, stride_h,
+                   HAS_SEQ_ID: tl.constexpr):
+    """Round acc [BM, BC] to H's dtype, store H, and store Hg = H * s_e * g[row(t), e], e = c // r."""
     mask = (offs_m[:, None] < T) & (offs_c[None, :] < C)
     h = acc.to(H.dtype.element_ty)
     tl.store(H + offs_m[:, None] * stride_h + offs_c[None, :], h, mask=mask)
     e = offs_c // R
-    g = tl.load(GATES + (offs_m // SEQ_LEN)[:, None] * E + e[None, :], mask=mask, other=0.0)
+    rows = _gate_rows(offs_m, T, SEQ_LEN, SEQ_ID, HAS_SEQ_ID)
+    g = tl.load(GATES + rows[:, None] * E + e[None, :], mask=mask, other=0.0)
     s = tl.load(SCALING + e, mask=offs_c < C, other=0.0)
     hg = h.to(tl.float32) * (g * s[None, :])
     tl.store(HG + offs_m[:, None] * stride_h + offs_c[None, :], hg.to(HG.dtype.element_ty), mask=mask)
@@ -47,10 +58,10 @@ def _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_L
 
 @triton.jit
 def _shrink_kernel(
-    X, A, GATES, SCALING, SEED, H, HG, PARTIAL,
+    X, A, GATES, SCALING, SEED, H, HG, PARTIAL, SEQ_ID,
     T, K, C, R, E, SEQ_LEN,
     dropout_p, dropout_scale,
-    HAS_DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_SEQ_ID: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -91,7 +102,7 @@ def _shrink_kernel(
     if HAS_DROPOUT:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, C)
+        _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, SEQ_ID, C, HAS_SEQ_ID)
     else:
         mask = (offs_m[:, None] < T) & (offs_c[None, :] < C)
         tl.store(PARTIAL + pid_k * T * C + offs_m[:, None] * C + offs_c[None, :], acc, mask=mask)
@@ -99,8 +110,8 @@ def _shrink_kernel(
 
 @triton.jit
 def _shrink_finalize_kernel(
-    PARTIAL, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PARTIAL, GATES, SCALING, H, HG, SEQ_ID, T, C, R, E, SEQ_LEN,
+    HAS_SEQ_ID: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Sum the split-K partials [SPLIT_K, T, C] in a fixed order (deterministic), then the gate epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,7 +120,7 @@ def _shrink_finalize_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for s in range(SPLIT_K):
         acc += tl.load(PARTIAL + s * T * C + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-    _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, C)
+    _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, SEQ_ID, C, HAS_SEQ_ID)
 
 
 @triton.jit
@@ -178,10 +189,11 @@ def _dual_gemm_kernel(
 
 @triton.jit
 def _dhg_kernel(
-    DY, B, H, GATES, SCALING, DH, DG,
+    DY, B, H, GATES, SCALING, DH, DG, SEQ_ID,
     T, N, R, E, SEQ_LEN,
     s_be, s_bn, s_bj,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXPERTS_PER_BLOCK: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_SEQ_ID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXPERTS_PER_BLOCK: tl.constexpr,
+    R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dHg = dY B_cat [T, C] for a block of experts, with the gate backward in the epilogue:
@@ -214,7 +226,8 @@ def _dhg_kernel(
     mask = m_ok[:, None] & c_ok[None, :]
     h = tl.load(H + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     s_col = tl.load(SCALING + e_col, mask=c_ok, other=0.0)
-    g_col = tl.load(GATES + (offs_m // SEQ_LEN)[:, None] * E + e_col[None, :], mask=mask, other=0.0)
+    rows = _gate_rows(offs_m, T, SEQ_LEN, SEQ_ID, HAS_SEQ_ID)
+    g_col = tl.load(GATES + rows[:, None] * E + e_col[None, :], mask=mask, other=0.0)
     tl.store(DH + offs_m[:, None] * C + offs_c[None, :], (acc * (g_col * s_col[None, :])).to(DH.dtype.element_ty),
              mask=mask)
     dot_r = tl.sum(tl.reshape(acc * h, (BLOCK_M, EXPERTS_PER_BLOCK, R_PAD)), axis=2)  # [BM, EB]
@@ -233,11 +246,11 @@ Q_GATED = tl.constexpr(2)  # q = Q[t, j] * s_e g[t // seq_len, e]          dB: H
 
 @triton.jit
 def _tn_gemm_kernel(
-    P, Q, GATES, SCALING, SEED, OUT,
+    P, Q, GATES, SCALING, SEED, OUT, SEQ_ID,
     T, I, J, R, E, SEQ_LEN,
     s_pt, s_pi, s_qt, s_qj, s_os, s_oi, s_oj,
     dropout_p, dropout_scale,
-    Q_MODE: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_T: tl.constexpr,
+    Q_MODE: tl.constexpr, HAS_SEQ_ID: tl.constexpr, ATOMIC: tl.constexpr, SPLIT_T: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -275,7 +288,8 @@ def _tn_gemm_kernel(
             keep = _dropout_keep(seed, offs_t[:, None].to(tl.int64) * J + offs_j[None, :], dropout_p)
             q = tl.where(keep, q * dropout_scale, 0.0).to(Q.dtype.element_ty)
         if Q_MODE == Q_GATED:
-            g = tl.load(GATES + (offs_t // SEQ_LEN)[:, None] * E + e_j[None, :], mask=q_mask, other=0.0)
+            rows = _gate_rows(offs_t, T, SEQ_LEN, SEQ_ID, HAS_SEQ_ID)
+            g = tl.load(GATES + rows[:, None] * E + e_j[None, :], mask=q_mask, other=0.0)
             q = (q.to(tl.float32) * (g * s_j[None, :])).to(Q.dtype.element_ty)
         acc = _mma(tl.trans(p), q, acc, DOT_PRECISION, UPCAST)
     out_ptrs = OUT + offs_i[:, None] * s_oi + offs_j[None, :] * s_oj

@@ -8,7 +8,12 @@ Accepted (x has shape [..., K], E experts):
 Normalized: gates2d [G, E] and seq_len, so that token t (of the flattened x [T, K]) uses row t // seq_len:
   per token:     G = T, seq_len = 1
   per sequence:  G = number of sequences, seq_len = tokens per sequence (T = G * seq_len)
+  packed:        x [T, K] holding B sequences back to back, gates [B, E], cu_seqlens [B + 1] (flash-attention's
+                 varlen convention): G = B and, instead of seq_len, a row map seq_ids [T] int32 built on the device
 Nothing else broadcasts: any other shape is an error that names the shapes seen.
+
+Below the functional layer "seq_len" is either that int or the row map (a tensor): token t reads gate row
+t // seq_len, or seq_ids[t].
 """
 from __future__ import annotations
 
@@ -45,6 +50,23 @@ def normalize_gates(gates: torch.Tensor, x_shape: torch.Size, num_experts: int) 
     )
 
 
-def token_gates(gates: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Expand normalized gates [G, E] to one row per token [G * seq_len, E] (reference paths only)."""
+def token_gates(gates: torch.Tensor, seq_len) -> torch.Tensor:
+    """Expand normalized gates [G, E] to one row per token [T, E] (reference paths only). seq_len: tokens per row,
+    or the row map seq_ids [T]."""
+    if isinstance(seq_len, torch.Tensor):
+        return gates.index_select(0, seq_len)
     return gates if seq_len == 1 else gates.repeat_interleave(seq_len, dim=0)
+
+
+def row_sums(per_token: torch.Tensor, num_rows: int, seq_len) -> torch.Tensor:
+    """The gradient of the gate rows from per-token gradients [T, E]: summed over each row's tokens -> [G, E]."""
+    if isinstance(seq_len, torch.Tensor):
+        return per_token.new_zeros(num_rows, per_token.shape[1]).index_add_(0, seq_len, per_token)
+    return per_token if seq_len == 1 else per_token.view(num_rows, seq_len, per_token.shape[1]).sum(1)
+
+
+def packed_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """seq_ids [T] int32: the sequence of each packed token, from cu_seqlens [B + 1] (0 = c_0 <= ... <= c_B = T);
+    on cu_seqlens' device, no host sync. Empty sequences own no token."""
+    t = torch.arange(num_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], t, right=True).to(torch.int32)

@@ -139,9 +139,20 @@ class SequenceRouter(nn.Module):
         self._holding = False
         self._held: Optional[Tensor] = None
 
-    def pool(self, x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        """Mean over the sequence dim of x [..., S, K], over valid tokens only when a mask is given."""
+    def pool(self, x: Tensor, attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Mean over the sequence dim of x [..., S, K], over valid tokens only when a mask is given; or, with
+        cu_seqlens [B + 1], over each packed sequence of x [T, K] (an empty sequence pools to zeros)."""
         xf = x.float()
+        if cu_seqlens is not None:
+            from .gates import packed_rows
+
+            if x.dim() != 2 or attention_mask is not None:
+                raise ValueError(f"with cu_seqlens, x must be packed [T, K] and there is no attention_mask; got x "
+                                 f"{tuple(x.shape)}")
+            B = cu_seqlens.numel() - 1
+            sums = xf.new_zeros(B, x.shape[1]).index_add_(0, packed_rows(cu_seqlens, x.shape[0]), xf)
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(xf.dtype).clamp_min(1.0)
+            return sums / lengths[:, None]
         if attention_mask is None:
             return xf.mean(dim=-2)
         if attention_mask.shape != x.shape[:-1]:
@@ -150,13 +161,15 @@ class SequenceRouter(nn.Module):
         m = attention_mask.to(xf.dtype).unsqueeze(-1)
         return (xf * m).sum(-2) / m.sum(-2).clamp_min(1.0)
 
-    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None, context: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
         if self._holding and self._held is not None:
-            if self._held.shape[:-1] != x.shape[:-2]:
+            batch = (cu_seqlens.numel() - 1,) if cu_seqlens is not None else tuple(x.shape[:-2])
+            if tuple(self._held.shape[:-1]) != batch:
                 raise ValueError(f"held sequence gates are for batch {tuple(self._held.shape[:-1])}, "
                                  f"got x {tuple(x.shape)}; call release() before a new batch")
             return self._held
-        feats = context if context is not None else self.pool(x, attention_mask)
+        feats = context if context is not None else self.pool(x, attention_mask, cu_seqlens)
         logits = _logits_fp32(self.proj, feats) / self.temperature
         gates = torch.softmax(logits, dim=-1)
         if self._holding:
