@@ -83,6 +83,8 @@ def cmd_bench(args) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("personafuse bench: --device cuda but no CUDA GPU is visible")
     prog = "personafuse bench"
+    if args.shapes == "serving":
+        return _bench_serving(args, device, prog)
     providers = csv_list(args.providers, "--providers", prog) if args.providers is not None else list(PROVIDERS)
     if unknown := [p for p in providers if p not in PROVIDERS]:
         raise UsageError(f"personafuse bench: unknown provider(s) {', '.join(unknown)}; choose from "
@@ -124,6 +126,28 @@ def cmd_bench(args) -> int:
             png = plot_rows(rows, out / "bench.png", mode=modes[-1])
             print(f"plot: {png}" if png else "plot: skipped (no rows to draw)")
     print(f"rows: {', '.join(str(p) for p in saved)}")
+    return 0
+
+
+def _bench_serving(args, device: str, prog: str) -> int:
+    """`personafuse bench --shapes serving`: the serving benchmark (bench/serving.py), not the op rows."""
+    import torch
+
+    from .bench.plot import MISSING_MATPLOTLIB, have_matplotlib
+    from .bench.serving import format_rows, plot_serving, run_serving
+
+    out = writable_folder(args.out, f"{prog}: --out")
+    small = args.quick or device == "cpu"
+    dtype = torch.float32 if device == "cpu" else {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                                   "float32": torch.float32}[args.dtype]
+    rows = run_serving(n_requests=12 if small else 96, hidden=128 if small else 2048, layers=2 if small else 4,
+                       max_len=64 if small else 512, device=device, dtype=dtype, repeats=3 if small else 10)
+    print(format_rows(rows))
+    (out / "serving.json").write_text(json.dumps(rows, indent=1))
+    if not args.no_plot:
+        print(f"plot: {plot_serving(rows, out / 'serving.png')}" if have_matplotlib() else
+              f"plot: skipped: {MISSING_MATPLOTLIB}")
+    print(f"rows: {out / 'serving.json'}")
     return 0
 
 
@@ -187,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--providers", default=None, help="comma-separated subset of the providers (default: all)")
     b.add_argument("--modes", default="fwd,bwd,fwdbwd", help="comma-separated: fwd, bwd, fwdbwd")
     b.add_argument("--shapes", default=None,
-                   help="preset (quick, issue, decode, prefill, llama8b, topk) or T,K,N,E,r[,k] tuples separated "
-                        "by ';' (k: top-k gates)")
+                   help="preset (quick, issue, decode, prefill, llama8b, topk), 'serving' (a batch of requests "
+                        "with mixes, single personas and none, against per-request merging and peft's mixed "
+                        "batches), or T,K,N,E,r[,k] tuples separated by ';' (k: top-k gates)")
     b.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     b.add_argument("--device", default=None, choices=["cpu", "cuda"])
     b.add_argument("--e2e", action="store_true", help="also time a Llama-style training step against the loop")

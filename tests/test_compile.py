@@ -29,11 +29,20 @@ def test_custom_ops_pass_opcheck():
     g = torch.rand(6, 2)
     s = torch.ones(2)
     seed = torch.empty(0, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.personafuse.routed_lora_forward, (x, w, None, A, B, g, s, seed, 1, 0.0, "torch"))
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_forward,
+                          (x, w, None, A, B, g, s, seed, 1, None, 0.0, "torch"))
     dy = torch.randn(6, 5)
     H = torch.randn(6, 6)
     torch.library.opcheck(torch.ops.personafuse.routed_lora_backward,
-                          (dy, x, w, A, B, g, s, seed, H, 1, 0.0, True, False, False, True, True, True, "torch"))
+                          (dy, x, w, A, B, g, s, seed, H, 1, None, 0.0, True, False, False, True, True, True, "torch"))
+    # packed sequences: gates [2, E] for 6 tokens, rows given by the map seq_ids
+    seq_ids = torch.tensor([0, 0, 0, 1, 1, 1], dtype=torch.int32)
+    g2 = torch.rand(2, 2)
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_forward,
+                          (x, w, None, A, B, g2, s, seed, 0, seq_ids, 0.0, "torch"))
+    torch.library.opcheck(torch.ops.personafuse.routed_lora_backward,
+                          (dy, x, w, A, B, g2, s, seed, H, 0, seq_ids, 0.0, True, False, False, True, True, True,
+                           "torch"))
 
 
 @pytest.mark.parametrize("router", ["token", "sequence"])
