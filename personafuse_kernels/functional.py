@@ -6,6 +6,7 @@ import numbers
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .autograd import RoutedLoRADeltaFunction, RoutedLoRAFunction, RoutedLoRATopKFunction, delta_term
@@ -114,6 +115,46 @@ def _autocast(tensors, device_type: str):
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
+def _rank_list(ranks, E: int, r: int) -> Optional[tuple]:
+    """ranks [E] (a list or an int tensor; values 0..r) as a tuple, or None when every expert has the full rank.
+    A tensor on a GPU is read once on the host (layers pass a list: no sync)."""
+    if ranks is None:
+        return None
+    if isinstance(ranks, Tensor):
+        if ranks.dtype.is_floating_point or ranks.dtype == torch.bool or ranks.dim() != 1:
+            raise TypeError(f"ranks must be an int tensor [E] or a list of ints, got {ranks.dtype} "
+                            f"{tuple(ranks.shape)}")
+        ranks = ranks.tolist()
+    values = list(ranks)
+    if len(values) != E or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        raise ValueError(f"ranks must be {E} ints (one per expert), got {values!r}")
+    if any(not 0 <= v <= r for v in values):
+        raise ValueError(f"ranks must be in [0, r = {r}] (lora_A is [E, r, K], padded to the largest rank), got "
+                         f"{values}")
+    return None if all(v == r for v in values) else tuple(int(v) for v in values)
+
+
+def _rank_columns(ranks: tuple, r: int, device) -> tuple[Tensor, Tensor]:
+    """(flat columns e * r + j for j < ranks[e], the expert of each): the columns an expert really has."""
+    cols = [e * r + j for e, n in enumerate(ranks) for j in range(n)]
+    owner = [e for e, n in enumerate(ranks) for _ in range(n)]
+    return (torch.tensor(cols, dtype=torch.long, device=device), torch.tensor(owner, dtype=torch.long, device=device))
+
+
+def _by_rank_column(lora_A: Tensor, lora_B: Tensor, gates, scale: Tensor, ranks: tuple):
+    """Experts of unequal ranks as sum(ranks) experts of rank 1, one per real column: the kernels then compute
+    exactly sum(ranks) columns (not E * r_max), and the padding columns get no work and no gradient. Gathers are
+    differentiable: gradients flow back to the padded lora_A / lora_B (zero past each rank) and to the gates
+    (summed over each expert's columns)."""
+    E, r, K = lora_A.shape
+    N = lora_B.shape[1]
+    cols, owner = _rank_columns(ranks, r, lora_A.device)
+    A1 = lora_A.reshape(E * r, K).index_select(0, cols).unsqueeze(1)  # [C', 1, K]
+    B1 = lora_B.permute(0, 2, 1).reshape(E * r, N).index_select(0, cols).unsqueeze(2)  # [C', N, 1]
+    g1 = gates.index_select(-1, owner)
+    return A1, B1, g1, scale.index_select(0, owner)
+
+
 def _check_cu_seqlens(cu_seqlens, x: Tensor, gates) -> None:
     """cu_seqlens [B + 1] of packed sequences in x [T, K] with per-sequence gates [B, E]: 0 = c_0 <= ... <= c_B = T.
     On a GPU the value checks are device-side asserts (no host sync); on a CPU they raise here."""
@@ -183,6 +224,7 @@ def routed_lora(
     dropout_p: float = 0.0,
     backend: str = "auto",
     cu_seqlens: Optional[Tensor] = None,
+    ranks=None,
 ) -> Tensor:
     """y = x W^T + b + sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T
 
@@ -201,12 +243,24 @@ def routed_lora(
         cu_seqlens: [B + 1] int32/int64, for x [T, K] holding B sequences back to back (flash-attention's varlen
                  convention: 0 = c_0 <= ... <= c_B = T) and gates [B, E]: sequence b's tokens use gates[b].
                  The kernels read a [T] int32 row map built on the device; gradients reach gates [B, E].
+        ranks:   [E] ints (a list, or an int tensor): expert e's rank, storage padded to lora_A's r. Columns at or
+                 past ranks[e] are not computed and get zero gradients; the work follows sum(ranks).
     Returns:
         y [..., N] in x's dtype. Gradients flow to x, weight, bias, lora_A, lora_B and gates.
     """
     _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, x, gates)
+    rank_tuple = _rank_list(ranks, lora_A.shape[0], lora_A.shape[1])
+    if rank_tuple is not None:
+        E = lora_A.shape[0]
+        if isinstance(gates, TopKGates):
+            gates = gates.to_dense(E)  # unequal ranks run the dense path
+        if sum(rank_tuple) == 0:
+            return F.linear(x, weight, bias)
+        A1, B1, g1, s1 = _by_rank_column(lora_A, lora_B, gates, _scaling_tensor(scaling, E, x), rank_tuple)
+        return routed_lora(x, weight, bias, A1, B1, g1, scaling=s1, dropout_p=dropout_p, backend=backend,
+                           cu_seqlens=cu_seqlens)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B], x.device.type)
     E, r = lora_A.shape[0], lora_A.shape[1]
     K, N = x.shape[-1], weight.shape[0]
@@ -246,6 +300,7 @@ def routed_lora_delta(
     backend: str = "auto",
     out: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
+    ranks=None,
 ) -> Tensor:
     """The routed term alone, sum_e s_e * g[t, e] * (drop(x) A_e^T) B_e^T, for a base computed elsewhere (a
     quantized layer, an engine's GEMM, an fp32 accumulator).
@@ -255,12 +310,23 @@ def routed_lora_delta(
         out: [..., N] in any float dtype on x's device, or None. Given, the term is added into it in place and
              out is returned; autograd records an in-place add, as out.add_(delta) would (out may not be a leaf
              that requires grad). None: a new tensor in x's dtype holding the term.
-        cu_seqlens: packed sequences with per-sequence gates, as routed_lora.
+        cu_seqlens, ranks: packed sequences and per-expert ranks, as routed_lora.
     Top-k gates run the dense path here (zeros off the top-k).
     """
     _validate(x, None, None, lora_A, lora_B, gates, dropout_p)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, x, gates)
+    rank_tuple = _rank_list(ranks, lora_A.shape[0], lora_A.shape[1])
+    if rank_tuple is not None:
+        E = lora_A.shape[0]
+        if isinstance(gates, TopKGates):
+            gates = gates.to_dense(E)
+        if sum(rank_tuple) == 0:
+            return out if out is not None else torch.zeros(*x.shape[:-1], lora_B.shape[1], dtype=x.dtype,
+                                                           device=x.device)
+        A1, B1, g1, s1 = _by_rank_column(lora_A, lora_B, gates, _scaling_tensor(scaling, E, x), rank_tuple)
+        return routed_lora_delta(x, A1, B1, g1, scaling=s1, dropout_p=dropout_p, backend=backend, out=out,
+                                 cu_seqlens=cu_seqlens)
     E = lora_A.shape[0]
     K, N = x.shape[-1], lora_B.shape[1]
     lead = x.shape[:-1]

@@ -100,6 +100,9 @@ class RoutedLoRALinear(nn.Module):
             self.router = SequenceRouter(K, num_experts, temperature, context_features=context_features, **factory)
         else:
             self.router = None
+        # each expert's own rank when adapters of unequal ranks share this padded layout (from_peft sets it): the
+        # columns past it are neither computed nor trained; None: every expert has `rank`
+        self.expert_ranks: Optional[list] = None
         self._external_gates: Optional[Tensor] = None
         self._attention_mask: Optional[Tensor] = None
         self._context: Optional[Tensor] = None
@@ -287,9 +290,10 @@ class RoutedLoRALinear(nn.Module):
             y = self.base_layer(x)
             xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
             return routed_lora_delta(xa, self.lora_A, self.lora_B, gates, scaling=self.scaling, dropout_p=dropout,
-                                     backend=self.backend, out=y, cu_seqlens=cu_seqlens)
+                                     backend=self.backend, out=y, cu_seqlens=cu_seqlens, ranks=self.expert_ranks)
         return routed_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, gates,
-                           scaling=self.scaling, dropout_p=dropout, backend=self.backend, cu_seqlens=cu_seqlens)
+                           scaling=self.scaling, dropout_p=dropout, backend=self.backend, cu_seqlens=cu_seqlens,
+                           ranks=self.expert_ranks)
 
     def extra_repr(self) -> str:
         top_k = getattr(self.router, "top_k", None)

@@ -44,7 +44,8 @@ def _router_settings(m) -> dict:
 
 def _layer_config(m) -> dict:
     return {"num_experts": m.num_experts, "rank": m.rank, "alpha": m.alpha, "in_features": m.in_features,
-            "out_features": m.out_features, "router": m.router_mode, "dropout": m.dropout, **_router_settings(m)}
+            "out_features": m.out_features, "router": m.router_mode, "dropout": m.dropout,
+            "expert_ranks": None if m.expert_ranks is None else list(m.expert_ranks), **_router_settings(m)}
 
 
 def _layer_tensors(m) -> dict[str, torch.Tensor]:
@@ -163,5 +164,8 @@ def load_adapters(model: nn.Module, path) -> nn.Module:
     with torch.no_grad():
         for current, t in plan:
             current.copy_(t)
+    for name in sorted(set(layers) & set(config["layers"])):  # each expert's own rank, when the checkpoint has it
+        ranks = config["layers"][name].get("expert_ranks")
+        layers[name].expert_ranks = None if ranks is None else list(ranks)
     return model
 

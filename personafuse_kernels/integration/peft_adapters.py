@@ -242,8 +242,9 @@ def _expert_layer(lin, experts, rank, dropout, router, layer_kwargs) -> RoutedLo
 def export_peft(model: nn.Module, expert: int, path, base_model_name_or_path: Optional[str] = None) -> Path:
     """Write expert `expert` of every routed layer as a peft LoRA adapter folder that PeftModel loads.
 
-    The expert's scaling is folded into lora_B (lora_alpha = r, so peft's own scaling is 1), and every layer is
-    zero-padded to the largest rank, which leaves the output unchanged.
+    The expert's scaling is folded into lora_B (lora_alpha = r, so peft's own scaling is 1). Each layer is written
+    at this expert's own rank there (expert_ranks, else the layer's rank; rank_pattern/alpha_pattern when layers
+    differ), and a layer where the expert has rank 0 is left out.
     """
     from safetensors.torch import save_file
 
@@ -255,20 +256,23 @@ def export_peft(model: nn.Module, expert: int, path, base_model_name_or_path: Op
         raise ValueError(f"expert must be in [0, {E}), got {expert}")
     if any(m.merged for _, m in layers):
         raise RuntimeError("unmerge the model before exporting an adapter")
-    r = max(m.rank for _, m in layers)
+    own = [(name, m, m.rank if m.expert_ranks is None else int(m.expert_ranks[expert])) for name, m in layers]
+    own = [(name, m, rl) for name, m, rl in own if rl > 0]
+    if not own:
+        raise ValueError(f"expert {expert} has rank 0 in every routed layer: there is no adapter to export")
+    r = max(rl for _, _, rl in own)
     tensors = {}
-    for name, m in layers:
-        A = torch.zeros(r, m.in_features, dtype=m.lora_A.dtype)
-        B = torch.zeros(m.out_features, r, dtype=m.lora_B.dtype)
-        A[: m.rank] = m.lora_A[expert].detach().cpu()
-        B[:, : m.rank] = (m.lora_B[expert].detach().float().cpu() * float(m.scaling[expert])).to(B.dtype)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B
+    for name, m, rl in own:
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A[expert, :rl].detach().cpu().clone()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (m.lora_B[expert, :, :rl].detach().float().cpu()
+                                                   * float(m.scaling[expert])).to(m.lora_B.dtype).contiguous()
+    pattern = {name: rl for name, _, rl in own if rl != r}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none",
-              "target_modules": [name for name, _ in layers], "fan_in_fan_out": False, "use_rslora": False,
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+              "target_modules": [name for name, _, _ in own], "fan_in_fan_out": False, "use_rslora": False,
               "inference_mode": True, "task_type": None, "base_model_name_or_path": base_model_name_or_path}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
