@@ -276,3 +276,30 @@ def test_cuda_packed_sequences(cuda_backend_on_cpu, lengths):
     got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
     for gv, s, rv, name in zip(got, same, ref, ["y", "x", "weight", "bias", "lora_A", "lora_B", "gates"]):
         assert_within_3x(gv.float(), s.float(), rv, name)
+
+
+def test_cuda_unequal_ranks(cuda_backend_on_cpu):
+    """ranks (1, 4, 16, 64) in one layer on the cuda backend: its kernels run the sum(ranks) rank-1 columns; bf16
+    by the 3x rule, and the padding columns get no gradient."""
+    import personafuse_kernels as pfk
+
+    ranks = [1, 4, 16, 64]
+    g = torch.Generator().manual_seed(8)
+    T, K, N, E, r = 70, 48, 40, 4, 64
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    leaves = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
+                  lora_B=rnd(E, N, r, scale=r**-0.5), gates=torch.rand(T, E, generator=g))
+    dy = rnd(T, N)
+
+    def run(backend, dtype):
+        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
+               for k, v in leaves.items()}
+        y = pfk.routed_lora(*ins.values(), scaling=2.0, backend=backend, ranks=ranks)
+        y.backward(dy.to(dtype))
+        return [y.detach()] + [ins[k].grad for k in leaves]
+
+    got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
+    for gv, s, rv, name in zip(got, same, ref, ["y", "x", "weight", "bias", "lora_A", "lora_B", "gates"]):
+        assert_within_3x(gv.float(), s.float(), rv, name)
+    for e, n in enumerate(ranks):
+        assert not got[4][e, n:].any() and not got[5][e, :, n:].any()
