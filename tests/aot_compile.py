@@ -157,7 +157,8 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                              "NUM_SMS": 132, "NUM_STAGES": gc.num_stages, "WARP_SPECIALIZE": gc.warp_specialize},
                             {"num_warps": gc.num_warps}, hot=hot, sm90_only=True, **kw))
         out.append(case(f"dual_gemm {flags}", tk._dual_gemm_kernel, {**ptrs, **sizes, **strides, **drop},
-                        {"HAS_TERM1": True, "HAS_BIAS": bias, "ACCUMULATE": False, "DROPOUT_TERM2": p > 0, **tiles},
+                        {"HAS_TERM1": True, "HAS_BIAS": bias, "ACCUMULATE": False, "DROPOUT_TERM2": p > 0,
+                         **tiles, "BLOCK_N": gc.pointer_block_n},
                         {"num_warps": gc.num_warps, "num_stages": gc.num_stages}, hot=hot and not gc.tma, **kw))
     r_pad = lc.pow2(r)
     experts_per_block = max(min(lc.pow2(E), max(1, 64 // r_pad)), -(-16 // r_pad))  # as routed_lora_triton.dhg

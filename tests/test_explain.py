@@ -74,7 +74,7 @@ def test_production_configs_reach_the_launch():
     tma = launches["_dual_gemm_tma_kernel"]
     assert (tma.args["BLOCK_M"], tma.args["BLOCK_N"], tma.args["BLOCK_K"]) == (128, 256, 64)
     assert tma.grid == (CARDS["H200"].sms,) and tma.options["num_warps"] == 8
-    assert launches["_shrink_kernel"].grid == (2, 64, 1)  # 160 columns in 128-wide tiles (adjacent), 64 row blocks
+    assert launches["_shrink_kernel"].grid == (5, 64, 1)  # 160 columns in 5 tiles of 32 (adjacent), 64 row blocks
 
 
 def _real_run(T, E, k, mode, card):

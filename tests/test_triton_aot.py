@@ -87,8 +87,12 @@ def test_hot_path_kernels_have_no_ptxas_performance_warning(rows):
 
 
 def test_hopper_gemms_use_wgmma(rows):
+    """The big GEMMs of the large-T regime run on wgmma. Not required of the shrink with dropout: its masked x tile
+    enters as the B operand of acc^T [C tile, T tile], whose 32 rows (C = 160 in tiles of 32) are below wgmma's 64,
+    so it runs mma.sync; it is a 4 % side kernel."""
     big = [r for r in rows if r["arch"] == "sm_90a" and r["regime"] == "large" and r["hot"]
-           and r["kernel"] in ("_dual_gemm_tma_kernel", "_tn_gemm_kernel", "_shrink_kernel", "_dhg_kernel")]
+           and r["kernel"] in ("_dual_gemm_tma_kernel", "_tn_gemm_kernel", "_shrink_kernel", "_dhg_kernel")
+           and not (r["kernel"] == "_shrink_kernel" and r["config"].get("HAS_DROPOUT"))]
     assert big and all(r["wgmma"] for r in big), [_where(r) for r in big if not r["wgmma"]]
 
 

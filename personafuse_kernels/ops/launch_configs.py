@@ -97,6 +97,12 @@ class GemmConfig:
     num_warps: int
     num_stages: int
 
+    @property
+    def pointer_block_n(self) -> int:
+        """N tile of the pointer kernel. Where the TMA kernel is the default (tma), the pointer kernel is its
+        fallback and stays at 128: at Hopper's 128x256 its dropout mask spills 8-9 KB (sm_90a, both Tritons)."""
+        return min(self.block_n, 128) if self.tma else self.block_n
+
 
 @dataclass(frozen=True)
 class DhgConfig:
@@ -154,7 +160,15 @@ def _shrink(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> Shrin
     if small:  # split K so that lora_A [C, K] is read by many SMs at once
         return ShrinkConfig(block_m=16, block_c=pow2(C, 16, 64), block_k=128, split_k=max(1, min(16, K // 512)),
                             num_warps=4)
-    return ShrinkConfig(block_m=64, block_c=pow2(C, 16, 128), block_k=64, split_k=1, num_warps=8)
+    return ShrinkConfig(block_m=64, block_c=fitting_block(C, 32, 128), block_k=64, split_k=1, num_warps=8)
+
+
+def fitting_block(C: int, lo: int, hi: int) -> int:
+    """The power-of-two tile width in [lo, hi] that pads C least (the widest among equals): C = E*r = 160 takes
+    5 tiles of 32 (no padding), where one width of 128 would compute 256 columns, 37.5 % of them zeros. The tiles
+    of one row block run side by side, so x's rows come from L2 after the first."""
+    widths = [w for w in (16, 32, 64, 128, 256) if lo <= w <= hi] or [lo]
+    return min(widths, key=lambda w: (-(-C // w) * w, -w))
 
 
 def _gemm(small: bool, interpret: bool, K: int, C: int, hopper: bool) -> GemmConfig:

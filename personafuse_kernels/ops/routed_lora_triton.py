@@ -189,8 +189,9 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
         return out
     s_m1k, s_m1n = m1_strides
     s_m2e, s_m2j, s_m2n = m2_strides
-    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
-    check_dot_tiles(cfg.block_m, cfg.block_n, cfg.block_k, cfg.block_k2)
+    block_n = cfg.pointer_block_n
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, block_n),)
+    check_dot_tiles(cfg.block_m, block_n, cfg.block_k, cfg.block_k2)
     tk._dual_gemm_kernel[grid](
         x1, m1, x2, m2, _or_unused(bias, out), out, seed,
         M, N, K1, K2, R,
@@ -199,7 +200,7 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
         out.stride(0), out.stride(1),
         dropout_p, 1.0 / (1.0 - dropout_p),
         HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
         **dot_args(x2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
