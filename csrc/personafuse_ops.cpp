@@ -7,6 +7,8 @@
 #include <Python.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 
@@ -115,6 +117,20 @@ std::tuple<at::Tensor, at::Tensor> gate_backward(const at::Tensor& dHg,      // 
   return {dH, dgates};
 }
 
+// Streaming multiprocessors of a device, asked of the driver once per device (not on every decode step).
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cache{};
+  if (device >= 0 && device < static_cast<int>(cache.size())) {
+    const int known = cache[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int n = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+              "cudaDeviceGetAttribute failed");
+  if (device >= 0 && device < static_cast<int>(cache.size())) cache[device].store(n, std::memory_order_relaxed);
+  return n;
+}
+
 // y += LoRA branch for T <= 64 in one launch; returns H [T, E*r] (kept for backward).
 at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
                         const at::Tensor& x,        // [T, K]
@@ -150,9 +166,7 @@ at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
                 x.scalar_type(), ", got ", t->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  int num_sms = 0;
-  TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x.device().index()) == cudaSuccess,
-              "cudaDeviceGetAttribute failed");
+  const int num_sms = sm_count(x.device().index());
   const DecodePlan plan = plan_lora_decode(T, K, E, r, num_sms);
   DecodeArgs a{};
   a.dtype = to_dtype(x, "x");
@@ -160,8 +174,10 @@ at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
   a.rows_per_tile = plan.rows_per_tile;
   a.smem_bytes = plan.smem_bytes;
   at::Tensor H = at::empty({T, C}, x.options());
-  at::Tensor partial = at::empty({plan.num_slices, T, C}, gates.options());
-  at::Tensor Hg = at::empty({T, C}, gates.options());
+  // one fp32 scratch allocation: the split-K partials [num_slices, T, C], then Hg [T, C]
+  at::Tensor scratch = at::empty({(plan.num_slices + 1) * T * C}, gates.options());
+  float* partial = scratch.data_ptr<float>();
+  float* Hg = partial + static_cast<int64_t>(plan.num_slices) * T * C;
   auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   a.vectorized = K % 8 == 0 && aligned(lora_A) && aligned(lora_B);
   a.x = x.data_ptr();
@@ -171,8 +187,8 @@ at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
   a.scaling = scaling.data_ptr<float>();
   a.y = y.data_ptr();
   a.H = H.data_ptr();
-  a.partial = partial.data_ptr<float>();
-  a.Hg = Hg.data_ptr<float>();
+  a.partial = partial;
+  a.Hg = Hg;
   a.T = static_cast<int>(T);
   a.K = static_cast<int>(K);
   a.N = static_cast<int>(N);

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "pfk_device.cuh"
 #include "pfk_launch.cuh"
@@ -150,16 +153,52 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// Resident blocks per SM of one kernel instantiation at a dynamic shared-memory size, and the largest size its
+// attribute was raised to: asked of the driver once per (device, size), not on every decode step.
+struct OccupancyCache {
+  std::mutex mu;
+  std::vector<std::pair<std::pair<int, size_t>, int>> per_sm;  // ((device, smem), blocks per SM)
+  std::vector<std::pair<int, size_t>> smem_set;                // (device, largest smem attribute set)
+};
+
+template <typename Kernel>
+cudaError_t blocks_per_sm(Kernel kernel, OccupancyCache& cache, size_t smem, int* out) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> lock(cache.mu);
+  for (const auto& e : cache.per_sm) {
+    if (e.first.first == device && e.first.second == smem) {
+      *out = e.second;
+      return cudaSuccess;
+    }
+  }
+  if (smem > 48 * 1024) {
+    size_t done = 0;
+    for (const auto& e : cache.smem_set) {
+      if (e.first == device) done = e.second;
+    }
+    if (smem > done) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+      cache.smem_set.emplace_back(device, smem);
+    }
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  cache.per_sm.push_back({{device, smem}, per_sm});
+  *out = per_sm;
+  return cudaSuccess;
+}
+
 template <typename T, bool VEC>
 cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
   auto kernel = lora_decode_kernel<T, VEC>;
+  static OccupancyCache cache;  // one per instantiation
   const size_t smem = a.smem_bytes;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-  }
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  cudaError_t err = blocks_per_sm(kernel, cache, smem, &per_sm);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
   const int num_slices = (a.K + a.k_slice - 1) / a.k_slice;

@@ -223,6 +223,12 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   }
 }
 
+// One emulated device, number 0.
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
 // An emulated device with 4 SMs: cooperative launches stay small enough to run as threads.
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
