@@ -139,7 +139,10 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
                         {"num_warps": sc.num_warps}, hot=hot, **kw))
     tiles = {"BLOCK_M": gc.block_m, "BLOCK_N": gc.block_n, "BLOCK_K": gc.block_k, "BLOCK_K2": gc.block_k2,
              "GROUP_M": gc.group_m, **DOT}
-    ptrs = {"X1": "dt", "M1": "dt", "X2": "dt", "M2": "dt", "BIAS": "dt", "OUT": "dt", "SEED": "i64"}
+    ptrs = {"X1": "dt", "M1": "dt", "X2": "dt", "M2": "dt", "BIAS": "dt", "OUT": "dt", "SEED": "i64",
+            "GATES": "fp32", "SEQ_ID": "fp32", "E": E, "SEQ_LEN": 1}
+    idle = {"SKIP_IDLE": True, "HAS_SEQ_ID": False, "E_PAD": lc.pow2(E, 16)}  # row tiles without adapters skip
+    no_idle = {**idle, "SKIP_IDLE": False}  # dx with dropout: the launcher does not check idle rows
     # y = x W^T + Hg B_cat^T (+ bias): bias on and off; dx = dY W + drop'(dH A_cat): dropout on and off
     y_sizes = {"M": T, "N": N, "K1": K, "K2": C}
     dx_sizes = {"M": T, "N": K, "K1": N, "K2": C}
@@ -153,12 +156,13 @@ def dense_cases(T: int, dtype: str, card: str, hot: bool) -> list[dict]:
         drop = {"dropout_p": p, "dropout_scale": 1 / (1 - p)}
         if gc.tma:
             out.append(case(f"dual_gemm_tma {flags}", tk._dual_gemm_tma_kernel, {**ptrs, **sizes, **drop},
-                            {"M_TRANS": role == "y", "HAS_BIAS": bias, "DROPOUT_TERM2": p > 0, **tiles,
+                            {"M_TRANS": role == "y", "HAS_BIAS": bias, "DROPOUT_TERM2": p > 0,
+                             **(idle if p == 0 else no_idle), **tiles,
                              "NUM_SMS": 132, "NUM_STAGES": gc.num_stages, "WARP_SPECIALIZE": gc.warp_specialize},
                             {"num_warps": gc.num_warps}, hot=hot, sm90_only=True, **kw))
         out.append(case(f"dual_gemm {flags}", tk._dual_gemm_kernel, {**ptrs, **sizes, **strides, **drop},
                         {"HAS_TERM1": True, "HAS_BIAS": bias, "ACCUMULATE": False, "DROPOUT_TERM2": p > 0,
-                         **tiles, "BLOCK_N": gc.pointer_block_n},
+                         **(idle if p == 0 else no_idle), **tiles, "BLOCK_N": gc.pointer_block_n},
                         {"num_warps": gc.num_warps, "num_stages": gc.num_stages}, hot=hot and not gc.tma, **kw))
     r_pad = lc.pow2(r)
     experts_per_block = max(min(lc.pow2(E), max(1, 64 // r_pad)), -(-16 // r_pad))  # as routed_lora_triton.dhg

@@ -120,3 +120,31 @@ def test_validation_of_no_adapter_indices():
         pfk.TopKGates(torch.tensor([[1, 1], [0, -1]]), w).check(2)
     with pytest.raises(TypeError, match="int32 or int64"):
         pfk.TopKGates(torch.tensor([[0, 1], [0, 1]], dtype=torch.int16), w).check(2)
+
+
+@pytest.mark.skipif(not TRITON, reason="triton backend unavailable")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_dense_rows_without_adapters_skip_the_lora_segment(dropout_p):
+    """Dense gates whose rows are all zero for whole row tiles (requests without an adapter): the Triton dual GEMM
+    checks each tile's gates and skips its LoRA segment; the result and every gradient match the torch backend."""
+    from personafuse_kernels.perf.dryrun import recording
+
+    T, K, N, E, r = 133, 40, 24, 4, 8
+    gen = torch.Generator().manual_seed(5)
+    t = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).requires_grad_()  # noqa: E731
+    ins = {"x": t(T, K), "weight": t(N, K, scale=K**-0.5), "bias": t(N), "lora_A": t(E, r, K, scale=K**-0.5),
+           "lora_B": t(E, N, r, scale=r**-0.5)}
+    gates = torch.rand(T, E, generator=gen)
+    gates[:70] = 0.0  # the first row tile (and part of the second) has no adapter
+    gates.requires_grad_()
+    outs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(3)
+        with recording(None, aten=False, passthrough=True) as launches:
+            y = pfk.routed_lora(*ins.values(), gates, scaling=2.0, dropout_p=dropout_p, backend=backend)
+            grads = torch.autograd.grad(y.sum(), [*ins.values(), gates])
+        outs.append([y.detach(), *grads])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    dual = [launch for launch in launches if launch.name == "_dual_gemm_kernel"]
+    assert dual and dual[0].args["SKIP_IDLE"]

@@ -139,8 +139,24 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+class IdleRows(NamedTuple):
+    """The gates of the rows a dual GEMM computes: a row tile whose gates are all zero (requests without an adapter)
+    skips the LoRA segment. gates [G, E] fp32; seq_len tokens per row or the packed row map."""
+    gates: torch.Tensor
+    seq_len: object
+
+
+def _idle_args(idle: IdleRows | None, stand_in) -> tuple:
+    """(GATES, SEQ_ID, E, SEQ_LEN) pointers and sizes, and the constexprs SKIP_IDLE, HAS_SEQ_ID, E_PAD."""
+    if idle is None:
+        return (stand_in, stand_in, 1, 1), {"SKIP_IDLE": False, "HAS_SEQ_ID": False, "E_PAD": 16}
+    seq_id, rows_per, has_seq_id = _rows(idle.seq_len, idle.gates)
+    E = idle.gates.shape[1]
+    return (idle.gates, seq_id, E, rows_per), {"SKIP_IDLE": True, "HAS_SEQ_ID": has_seq_id, "E_PAD": pow2(E, 16)}
+
+
 def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: GemmConfig, m_trans: bool,
-                  dropout_term2: bool) -> bool:
+                  dropout_term2: bool, idle: IdleRows | None = None) -> bool:
     """Persistent TMA dual GEMM: out [M, N] = x1 op(m1) + d * (x2 op(m2)) (+ bias), with op(m) = m^T for m [N, K]
     when m_trans, else m [K, N]; d is drop' when dropout_term2. Every operand is a dense 2D tensor with 16-byte
     aligned rows. Returns False (nothing launched) when it cannot run here."""
@@ -153,10 +169,11 @@ def dual_gemm_tma(out, *, x1, m1, x2, m2, bias, seed, dropout_p: float, cfg: Gem
     if out.is_cuda:
         _set_tma_allocator()
     try:
+        (gates, seq_id, E, rows_per), skip = _idle_args(idle, out)
         tk._dual_gemm_tma_kernel[grid](
-            x1, m1, x2, m2, _or_unused(bias, out), out, seed, M, N, x1.shape[1], x2.shape[1],
-            dropout_p, 1.0 / (1.0 - dropout_p),
-            M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2,
+            x1, m1, x2, m2, _or_unused(bias, out), out, seed, gates, seq_id, M, N, x1.shape[1], x2.shape[1], E,
+            rows_per, dropout_p, 1.0 / (1.0 - dropout_p),
+            M_TRANS=m_trans, HAS_BIAS=bias is not None, DROPOUT_TERM2=dropout_term2, **skip,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
             NUM_SMS=sms, NUM_STAGES=cfg.num_stages, WARP_SPECIALIZE=cfg.warp_specialize,
             **dot_args(out.dtype), num_warps=cfg.num_warps,
@@ -179,7 +196,7 @@ def _or_unused(pointer, stand_in):
 
 
 def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed, dropout_p: float, cfg: GemmConfig,
-              has_term1: bool, accumulate: bool, dropout_term2: bool):
+              has_term1: bool, accumulate: bool, dropout_term2: bool, idle: IdleRows | None = None):
     """out [M, N] (+)= x1 [M, K1] M1 + d * (x2 [M, K2] M2) (+ bias). M1 element (k, n) at k*s_k + n*s_n;
     M2 row c at (c // R) * s_e + (c % R) * s_j, column n at n * s_n."""
     M, N = out.shape
@@ -192,14 +209,15 @@ def dual_gemm(out, *, x1, m1, m1_strides, x2, m2, m2_strides, R: int, bias, seed
     block_n = cfg.pointer_block_n
     grid = (cdiv(M, cfg.block_m) * cdiv(N, block_n),)
     check_dot_tiles(cfg.block_m, block_n, cfg.block_k, cfg.block_k2)
+    (gates, seq_id, E, rows_per), skip = _idle_args(idle, out)
     tk._dual_gemm_kernel[grid](
-        x1, m1, x2, m2, _or_unused(bias, out), out, seed,
-        M, N, K1, K2, R,
+        x1, m1, x2, m2, _or_unused(bias, out), out, seed, gates, seq_id,
+        M, N, K1, K2, R, E, rows_per,
         x1.stride(0), x1.stride(1), s_m1k, s_m1n,
         x2.stride(0), x2.stride(1), s_m2e, s_m2j, s_m2n,
         out.stride(0), out.stride(1),
         dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2,
+        HAS_TERM1=has_term1, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, DROPOUT_TERM2=dropout_term2, **skip,
         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_K2=cfg.block_k2, GROUP_M=cfg.group_m,
         **dot_args(x2.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -231,31 +249,32 @@ def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, drop
     T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, weight.shape[0], lora_A, gates, scaling)
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
     cfg = cfgs.gemm
+    idle = IdleRows(gates32, seq_len)  # row tiles of requests without an adapter skip the LoRA segment
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r
     b_strides = (N * r, 1, r)
     if cfg.fuse_base and cfg.tma and T > SMALL_T:
         y = x.new_empty(T, N)
         B_cat = lora_B.permute(1, 0, 2).reshape(N, C)  # [N, C] copy (N*C elements) for a dense descriptor
         if dual_gemm_tma(y, x1=x, m1=weight, x2=Hg, m2=B_cat, bias=bias, seed=seed, dropout_p=0.0, cfg=cfg,
-                         m_trans=True, dropout_term2=False):
+                         m_trans=True, dropout_term2=False, idle=idle):
             return y, H
     if cfg.fuse_base:
         y = x.new_empty(T, N)
         dual_gemm(y, x1=x, m1=weight, m1_strides=(1, K), x2=Hg, m2=lora_B, m2_strides=b_strides, R=r, bias=bias,
-                  seed=seed, dropout_p=0.0, cfg=cfg, has_term1=True, accumulate=False, dropout_term2=False)
+                  seed=seed, dropout_p=0.0, cfg=cfg, has_term1=True, accumulate=False, dropout_term2=False, idle=idle)
     else:
         y = F.linear(x, weight, bias)
-        _expand_into(y, Hg, lora_B, seed, cfgs.gemm)
+        _expand_into(y, Hg, lora_B, seed, cfgs.gemm, idle)
     return y, H
 
 
-def _expand_into(out, Hg, lora_B, seed, cfg: GemmConfig):
+def _expand_into(out, Hg, lora_B, seed, cfg: GemmConfig, idle: IdleRows):
     """out [T, N] += Hg B_cat^T in place, out in any float dtype (its dtype is what the kernel stores)."""
     E, N, r = lora_B.shape
     # lora_B [E, N, r] read as B_cat^T: row c = (e, j) at e*N*r + j, column n at n*r; no first term (x1, m1 unused)
     dual_gemm(out, x1=_or_unused(None, Hg), m1=_or_unused(None, lora_B), m1_strides=(0, 0), x2=Hg, m2=lora_B,
               m2_strides=(N * r, 1, r), R=r, bias=None, seed=seed, dropout_p=0.0, cfg=cfg, has_term1=False,
-              accumulate=True, dropout_term2=False)
+              accumulate=True, dropout_term2=False, idle=idle)
 
 
 def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
@@ -263,7 +282,7 @@ def delta_forward(out, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout
     included); returns H [T, E*r]. Same contract as routed_lora_torch.delta_forward."""
     T, K, N, E, r, C, cfgs, gates32, scaling32 = _prepare(x, out.shape[1], lora_A, gates, scaling)
     H, Hg = shrink(x, lora_A, gates32, scaling32, seed, seq_len, dropout_p, cfgs.shrink)
-    _expand_into(out, Hg, lora_B, seed, cfgs.gemm)
+    _expand_into(out, Hg, lora_B, seed, cfgs.gemm, IdleRows(gates32, seq_len))
     return H
 
 
@@ -343,15 +362,19 @@ def backward(dy, x, weight, lora_A, lora_B, gates, scaling, seed, H, seq_len, dr
     dx = dy.new_empty(0)
     if need_dx:  # dx = dY W + drop'(dH A_cat) in one pass
         dx = x.new_empty(T, K)
+        # idle row tiles skip the LoRA segment, but not with dropout: there the TMA kernel's Philox mask and the
+        # gate check together spill (sm_90a, Triton 3.8; tests/test_triton_aot.py)
+        idle = IdleRows(call.gates32, seq_len) if dropout_p == 0 else None
         launched = False
         if T > SMALL_T:
             launched = dual_gemm_tma(dx, x1=dy, m1=weight, x2=dH, m2=lora_A.view(C, K), bias=None, seed=seed,
-                                     dropout_p=dropout_p, cfg=cfgs.gemm, m_trans=False, dropout_term2=dropout_p > 0)
+                                     dropout_p=dropout_p, cfg=cfgs.gemm, m_trans=False, dropout_term2=dropout_p > 0,
+                                     idle=idle)
         if not launched:
             # dY [T, N] @ W [N, K]: element (n, k) at n*K + k; lora_A [E, r, K]: row c at e*r*K + j*K
             dual_gemm(dx, x1=dy, m1=weight, m1_strides=(K, 1), x2=dH, m2=lora_A, m2_strides=(r * K, K, 1), R=r,
                       bias=None, seed=seed, dropout_p=dropout_p, cfg=cfgs.gemm, has_term1=True, accumulate=False,
-                      dropout_term2=dropout_p > 0)
+                      dropout_term2=dropout_p > 0, idle=idle)
     dW, db = routed_lora_torch.base_weight_grads(dy, x, need_dW, need_db)
     return dx, dW, db, dA, dB, dg
 
@@ -368,7 +391,8 @@ def delta_backward(dy, x, lora_A, lora_B, gates, scaling, seed, H, seq_len, drop
         dx = x.new_empty(T, K)
         dual_gemm(dx, x1=_or_unused(None, dH), m1=_or_unused(None, lora_A), m1_strides=(0, 0), x2=dH, m2=lora_A,
                   m2_strides=(r * K, K, 1), R=r, bias=None, seed=seed, dropout_p=dropout_p, cfg=cfgs.gemm,
-                  has_term1=False, accumulate=False, dropout_term2=dropout_p > 0)
+                  has_term1=False, accumulate=False, dropout_term2=dropout_p > 0,
+                  idle=IdleRows(call.gates32, seq_len) if dropout_p == 0 else None)
     return dx, dA, dB, dg
 
 

@@ -42,6 +42,20 @@ def _gate_rows(offs_t, T, SEQ_LEN, SEQ_ID, HAS_SEQ_ID: tl.constexpr):
 
 
 @triton.jit
+def _lora_width(K2, offs_m, M, GATES, SEQ_ID, SEQ_LEN, E, SKIP_IDLE: tl.constexpr, HAS_SEQ_ID: tl.constexpr,
+                E_PAD: tl.constexpr):
+    """K2, or 0 when every gate of this tile's rows is zero (SKIP_IDLE): a row tile of requests without an adapter
+    skips the LoRA segment of the dual GEMM (as a loop bound, so the pipelined loop stays as it is)."""
+    if SKIP_IDLE:
+        rows = _gate_rows(offs_m, M, SEQ_LEN, SEQ_ID, HAS_SEQ_ID)
+        e = tl.arange(0, E_PAD)
+        g = tl.load(GATES + rows[:, None] * E + e[None, :], mask=(offs_m < M)[:, None] & (e < E)[None, :],
+                    other=0.0)
+        return tl.where(tl.max(tl.max(tl.abs(g), axis=1), axis=0) > 0, K2, 0)
+    return K2
+
+
+@triton.jit
 def _gate_epilogue(acc, offs_m, offs_c, GATES, SCALING, H, HG, T, C, R, E, SEQ_LEN, SEQ_ID, stride_h,
                    HAS_SEQ_ID: tl.constexpr):
     """Round acc [BM, BC] to H's dtype, store H, and store Hg = H * s_e * g[row(t), e], e = c // r."""
@@ -125,13 +139,14 @@ def _shrink_finalize_kernel(
 
 @triton.jit
 def _dual_gemm_kernel(
-    X1, M1, X2, M2, BIAS, OUT, SEED,
-    M, N, K1, K2, R,
+    X1, M1, X2, M2, BIAS, OUT, SEED, GATES, SEQ_ID,
+    M, N, K1, K2, R, E, SEQ_LEN,
     s_x1m, s_x1k, s_m1k, s_m1n,
     s_x2m, s_x2k, s_m2e, s_m2j, s_m2n,
     s_om, s_on,
     dropout_p, dropout_scale,
     HAS_TERM1: tl.constexpr, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr, DROPOUT_TERM2: tl.constexpr,
+    SKIP_IDLE: tl.constexpr, HAS_SEQ_ID: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -140,6 +155,7 @@ def _dual_gemm_kernel(
     One K-loop over K2 = E * r, then one over K1, into one accumulator; no concatenation in memory. M2's row c sits at
     (c // R) * s_m2e + (c % R) * s_m2j: lora_B [E, N, r] (forward, as B_cat^T) or lora_A [E, r, K] (dx).
     d(m, n) = keep(m * N + n) / (1 - p) when DROPOUT_TERM2 (dx = dY W + drop'(dH A_cat)), else 1.
+    SKIP_IDLE: a row tile whose gates (GATES [G, E], rows as _gate_rows) are all zero skips the K2 segment.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -157,7 +173,8 @@ def _dual_gemm_kernel(
     # One fp32 accumulator for both terms (two would double the registers of a tile): the X2 M2 segment first,
     # so that drop' can scale it while it is alone in the accumulator, then X1 M1 added into the same registers.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, K2, BLOCK_K2):
+    k2_end = _lora_width(K2, offs_m, M, GATES, SEQ_ID, SEQ_LEN, E, SKIP_IDLE, HAS_SEQ_ID, E_PAD)
+    for c0 in range(0, k2_end, BLOCK_K2):
         offs_c = c0 + tl.arange(0, BLOCK_K2)
         c_ok = offs_c < K2
         h = tl.load(X2 + offs_m[:, None] * s_x2m + offs_c[None, :] * s_x2k,
@@ -318,10 +335,11 @@ def _tma_mma_loop(acc, a_desc, b_desc, off_m, off_n, K, BLOCK_K: tl.constexpr, B
 
 @triton.jit
 def _dual_gemm_tma_kernel(
-    X1, M1, X2, M2, BIAS, OUT, SEED,
-    M, N, K1, K2,
+    X1, M1, X2, M2, BIAS, OUT, SEED, GATES, SEQ_ID,
+    M, N, K1, K2, E, SEQ_LEN,
     dropout_p, dropout_scale,
     M_TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT_TERM2: tl.constexpr,
+    SKIP_IDLE: tl.constexpr, HAS_SEQ_ID: tl.constexpr, E_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, NUM_STAGES: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -356,8 +374,10 @@ def _dual_gemm_tma_kernel(
 
         # one accumulator, the LoRA segment first (see _dual_gemm_kernel): two would spill at 128x256 on sm_90a
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _tma_mma_loop(acc, x2_desc, m2_desc, off_m, off_n, K2, BLOCK_K2, M_TRANS, NUM_STAGES, WARP_SPECIALIZE,
-                            DOT_PRECISION, UPCAST)
+        k2_end = _lora_width(K2, off_m + tl.arange(0, BLOCK_M), M, GATES, SEQ_ID, SEQ_LEN, E, SKIP_IDLE, HAS_SEQ_ID,
+                             E_PAD)
+        acc = _tma_mma_loop(acc, x2_desc, m2_desc, off_m, off_n, k2_end, BLOCK_K2, M_TRANS, NUM_STAGES,
+                            WARP_SPECIALIZE, DOT_PRECISION, UPCAST)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         if DROPOUT_TERM2:
             offs_m = off_m + tl.arange(0, BLOCK_M)
