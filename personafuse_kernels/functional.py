@@ -155,6 +155,21 @@ def _by_rank_column(lora_A: Tensor, lora_B: Tensor, gates, scale: Tensor, ranks:
     return A1, B1, g1, scale.index_select(0, owner)
 
 
+def _ranked(ranks, x: Tensor, lora_A: Tensor, lora_B: Tensor, gates, scaling) -> Optional[tuple]:
+    """None when every expert has lora_A's rank (the plain path); () when every expert has rank 0; else the
+    operands as rank-1 columns (_by_rank_column), top-k gates densified: what routed_lora and routed_lora_delta
+    run instead."""
+    E, r = lora_A.shape[0], lora_A.shape[1]
+    rank_tuple = _rank_list(ranks, E, r)
+    if rank_tuple is None:
+        return None
+    if sum(rank_tuple) == 0:
+        return ()
+    if isinstance(gates, TopKGates):
+        gates = gates.to_dense(E)  # unequal ranks run the dense path
+    return _by_rank_column(lora_A, lora_B, gates, _scaling_tensor(scaling, E, x), rank_tuple)
+
+
 def _check_cu_seqlens(cu_seqlens, x: Tensor, gates) -> None:
     """cu_seqlens [B + 1] of packed sequences in x [T, K] with per-sequence gates [B, E]: 0 = c_0 <= ... <= c_B = T.
     On a GPU the value checks are device-side asserts (no host sync); on a CPU they raise here."""
@@ -251,14 +266,11 @@ def routed_lora(
     _validate(x, weight, bias, lora_A, lora_B, gates, dropout_p)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, x, gates)
-    rank_tuple = _rank_list(ranks, lora_A.shape[0], lora_A.shape[1])
-    if rank_tuple is not None:
-        E = lora_A.shape[0]
-        if isinstance(gates, TopKGates):
-            gates = gates.to_dense(E)  # unequal ranks run the dense path
-        if sum(rank_tuple) == 0:
+    ranked = _ranked(ranks, x, lora_A, lora_B, gates, scaling)
+    if ranked is not None:
+        if not ranked:  # every expert has rank 0
             return F.linear(x, weight, bias)
-        A1, B1, g1, s1 = _by_rank_column(lora_A, lora_B, gates, _scaling_tensor(scaling, E, x), rank_tuple)
+        A1, B1, g1, s1 = ranked
         return routed_lora(x, weight, bias, A1, B1, g1, scaling=s1, dropout_p=dropout_p, backend=backend,
                            cu_seqlens=cu_seqlens)
     x, weight, bias, lora_A, lora_B = _autocast([x, weight, bias, lora_A, lora_B], x.device.type)
@@ -316,15 +328,12 @@ def routed_lora_delta(
     _validate(x, None, None, lora_A, lora_B, gates, dropout_p)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, x, gates)
-    rank_tuple = _rank_list(ranks, lora_A.shape[0], lora_A.shape[1])
-    if rank_tuple is not None:
-        E = lora_A.shape[0]
-        if isinstance(gates, TopKGates):
-            gates = gates.to_dense(E)
-        if sum(rank_tuple) == 0:
+    ranked = _ranked(ranks, x, lora_A, lora_B, gates, scaling)
+    if ranked is not None:
+        if not ranked:  # every expert has rank 0: the term is zero
             return out if out is not None else torch.zeros(*x.shape[:-1], lora_B.shape[1], dtype=x.dtype,
                                                            device=x.device)
-        A1, B1, g1, s1 = _by_rank_column(lora_A, lora_B, gates, _scaling_tensor(scaling, E, x), rank_tuple)
+        A1, B1, g1, s1 = ranked
         return routed_lora_delta(x, A1, B1, g1, scaling=s1, dropout_p=dropout_p, backend=backend, out=out,
                                  cu_seqlens=cu_seqlens)
     E = lora_A.shape[0]

@@ -252,11 +252,28 @@ def test_cuda_delta_into_out(cuda_backend_on_cpu, T, out_dtype):
         assert_within_3x(gv.float(), s.float(), rv, name)
 
 
+def _public_api_within_3x(leaves: dict, dy, **kwargs) -> list:
+    """pfk.routed_lora(backend="cuda", **kwargs) in bfloat16 against the torch backend in bfloat16 and float64 by the
+    3x rule, forward and every gradient; returns the cuda backend's [y, grads...]."""
+    import personafuse_kernels as pfk
+
+    def run(backend, dtype):
+        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
+               for k, v in leaves.items()}
+        y = pfk.routed_lora(*ins.values(), scaling=2.0, backend=backend, **kwargs)
+        y.backward(dy.to(dtype))
+        return [y.detach()] + [ins[k].grad for k in leaves]
+
+    got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
+    for gv, s, rv, name in zip(got, same, ref, ["y", *leaves]):
+        assert_within_3x(gv.float(), s.float(), rv, name)
+    return got
+
+
 @pytest.mark.parametrize("lengths", [[1, 7, 0, 13], [1, 7, 0, 133]])  # the decode kernel (T <= 64), tensor cores
 def test_cuda_packed_sequences(cuda_backend_on_cpu, lengths):
     """cu_seqlens on the cuda backend: its kernels take per-token gates gathered by the row map, and the gates'
     gradient is summed back per sequence; bf16 by the 3x rule against the torch backend."""
-    import personafuse_kernels as pfk
 
     g = torch.Generator().manual_seed(6)
     T, K, N, E, r = sum(lengths), 48, 40, 8, 16
@@ -264,24 +281,12 @@ def test_cuda_packed_sequences(cuda_backend_on_cpu, lengths):
     leaves = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
                   lora_B=rnd(E, N, r, scale=r**-0.5), gates=torch.rand(len(lengths), E, generator=g))
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    dy = rnd(T, N)
-
-    def run(backend, dtype):
-        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
-               for k, v in leaves.items()}
-        y = pfk.routed_lora(*ins.values(), scaling=2.0, backend=backend, cu_seqlens=cu)
-        y.backward(dy.to(dtype))
-        return [y.detach()] + [ins[k].grad for k in leaves]
-
-    got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
-    for gv, s, rv, name in zip(got, same, ref, ["y", "x", "weight", "bias", "lora_A", "lora_B", "gates"]):
-        assert_within_3x(gv.float(), s.float(), rv, name)
+    _public_api_within_3x(leaves, rnd(T, N), cu_seqlens=cu)
 
 
 def test_cuda_unequal_ranks(cuda_backend_on_cpu):
     """ranks (1, 4, 16, 64) in one layer on the cuda backend: its kernels run the sum(ranks) rank-1 columns; bf16
     by the 3x rule, and the padding columns get no gradient."""
-    import personafuse_kernels as pfk
 
     ranks = [1, 4, 16, 64]
     g = torch.Generator().manual_seed(8)
@@ -289,17 +294,6 @@ def test_cuda_unequal_ranks(cuda_backend_on_cpu):
     rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
     leaves = dict(x=rnd(T, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N), lora_A=rnd(E, r, K, scale=K**-0.5),
                   lora_B=rnd(E, N, r, scale=r**-0.5), gates=torch.rand(T, E, generator=g))
-    dy = rnd(T, N)
-
-    def run(backend, dtype):
-        ins = {k: v.to(torch.float32 if k == "gates" else dtype, copy=True).requires_grad_(True)
-               for k, v in leaves.items()}
-        y = pfk.routed_lora(*ins.values(), scaling=2.0, backend=backend, ranks=ranks)
-        y.backward(dy.to(dtype))
-        return [y.detach()] + [ins[k].grad for k in leaves]
-
-    got, same, ref = run("cuda", torch.bfloat16), run("torch", torch.bfloat16), run("torch", torch.float64)
-    for gv, s, rv, name in zip(got, same, ref, ["y", "x", "weight", "bias", "lora_A", "lora_B", "gates"]):
-        assert_within_3x(gv.float(), s.float(), rv, name)
+    got = _public_api_within_3x(leaves, rnd(T, N), ranks=ranks)
     for e, n in enumerate(ranks):
         assert not got[4][e, n:].any() and not got[5][e, :, n:].any()
