@@ -147,3 +147,12 @@ def test_explain_cli(capsys):
     assert "five or six" in capsys.readouterr().err
     assert main(["explain", "--calibration"]) == 0
     assert "required" in capsys.readouterr().out
+
+
+def test_predictions_in_the_missed_regime_say_so():
+    """The stacked training step at T = 4096 (the required row the model misses) is flagged uncalibrated; at
+    T = 16384 (which it holds) it is not; so is a forward."""
+    missed = explain(4096, 4096, 4096, 10, 16, backend="stacked", mode="fwdbwd")
+    held = explain(16384, 4096, 4096, 10, 16, backend="stacked", mode="fwdbwd")
+    assert not missed.calibrated and "35 %" in missed.uncalibrated_reason and "UNCALIBRATED" in missed.table()
+    assert held.calibrated and explain(4096, 4096, 4096, 10, 16, backend="stacked").calibrated
