@@ -21,7 +21,7 @@ def reference(ins, gates, scaling, dropout_p, seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate_mode", ["token", "sequence", "single", "topk"])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, None])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16, None])
 def test_delta_matches_routed_lora_minus_base(backend, gate_mode, out_dtype):
     T, K, N, E, r = 7, 33, 45, 4, 8
     mode = "token" if gate_mode == "topk" else gate_mode
@@ -46,8 +46,15 @@ def test_delta_matches_routed_lora_minus_base(backend, gate_mode, out_dtype):
     else:
         assert got.dtype == ins["x"].dtype
         delta = got.double()
-    torch.testing.assert_close(delta, ref.double(), rtol=1e-4, atol=1e-5)
     grads = torch.autograd.grad(got, wrt, dy.to(got.dtype))
+    if out_dtype == torch.bfloat16:
+        # a bf16 accumulator rounds base + delta to 8 bits of mantissa, and dout reaches the gradients in bf16:
+        # compare normwise, within a few bf16 roundings of the largest value
+        for a, b, name in zip([delta, *grads], [ref, *ref_grads], ["delta", "x", "lora_A", "lora_B", "gates"]):
+            err = (a.double() - b.double()).abs().max() / b.double().abs().max()
+            assert err < 2e-2, f"{name}: normwise error {err:.2e}"
+        return
+    torch.testing.assert_close(delta, ref.double(), rtol=1e-4, atol=1e-5)
     for g, want, name in zip(grads, ref_grads, ["x", "lora_A", "lora_B", "gates"]):
         torch.testing.assert_close(g.double(), want.double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
