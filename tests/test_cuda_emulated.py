@@ -205,6 +205,33 @@ def test_tensor_core_dhg(dtype, T, N, E, r, seq_len):
     assert torch.equal(dH1, dH2) and torch.equal(dg1, dg2), "lora_dhg must be deterministic"
 
 
+def _async_probe(steps, in_flight, exit_wait):
+    src = torch.randn(steps * 32 * 4)
+    dst = torch.zeros_like(src)
+    rc = emu.lib().pfk_emu_async_probe(emu.ptr(src), emu.ptr(dst), emu.i32(steps), emu.i32(in_flight),
+                                       emu.i32(exit_wait))
+    return rc, src, dst
+
+
+def test_emulated_cp_async_lands_only_at_the_wait():
+    """The emulator's cp.async semantics (tests/cuda_emu/include/cuda_runtime.h), on which the tests of the
+    tensor-core kernels' 3-stage pipeline rely: a copy lands at the wait that retires its group and not before (its
+    destination reads as NaN until then)."""
+    rc, src, dst = _async_probe(6, 1, 1)  # the right wait for 3 stages
+    emu.check(rc, "async_probe")
+    assert torch.equal(dst, src)
+    rc, src, dst = _async_probe(6, 2, 1)  # one group too many left in flight: every tile is read before it lands
+    emu.check(rc, "async_probe")
+    assert torch.isnan(dst).all()
+
+
+def test_emulated_cp_async_rejects_copies_in_flight_at_exit():
+    """A thread that exits without waiting for its copies fails the launch (named `reject`: the sanitizer pass
+    skips it, as the throw it needs trips ASan's __cxa_throw interceptor here)."""
+    rc, _, _ = _async_probe(6, 8, 0)
+    assert rc != 0 and "in flight" in emu.lib().pfk_emu_failure().decode()
+
+
 def test_cuda_philox_is_the_torch_philox():
     """csrc's philox_uniform (dropout inside the CUDA kernels) is bit-identical to ops/dropout.py and tl.rand,
     also for offsets past 2**32 (the counter's high word)."""

@@ -2,14 +2,46 @@
 // Pointers are CPU tensors' data; the return value is the launcher's cudaError_t.
 #include <string>
 
+#include "pfk_async.cuh"
 #include "pfk_device.cuh"
 #include "pfk_gate.h"
+#include "pfk_launch.cuh"
 #include "pfk_lora.h"
 #include "pfk_topk.h"
 
 using namespace personafuse;
 
+namespace {
+
+// The emulator's own check of its cp.async semantics: one warp streams `steps` tiles of 32 x 4 floats from src to
+// dst through a 3-stage pipeline in shared memory, each thread reading back only its own copies, after a wait
+// that leaves kInFlight groups outstanding (1 is right for 3 stages). With kInFlight = 2 a tile is read before it
+// lands; with exit_wait false the last tiles are still in flight when the threads exit.
+template <int kInFlight>
+__global__ void async_probe_kernel(const float* src, float* dst, int steps, bool exit_wait) {
+  alignas(16) __shared__ float buf[3][32 * 4];
+  const int t = threadIdx.x;
+  for (int s = 0; s < 2; ++s) {
+    if (s < steps) async_copy16(&buf[s][t * 4], src + (s * 32 + t) * 4, true);
+    async_commit();
+  }
+  for (int kt = 0; kt < steps; ++kt) {
+    async_wait<kInFlight>();
+    for (int i = 0; i < 4; ++i) dst[(kt * 32 + t) * 4 + i] = buf[kt % 3][t * 4 + i];
+    if (kt + 2 < steps) async_copy16(&buf[(kt + 2) % 3][t * 4], src + ((kt + 2) * 32 + t) * 4, true);
+    async_commit();
+  }
+  if (exit_wait) async_wait<0>();
+}
+
+}  // namespace
+
 extern "C" {
+
+int pfk_emu_async_probe(const float* src, float* dst, int steps, int in_flight, int exit_wait) {
+  auto kernel = in_flight == 1 ? async_probe_kernel<1> : in_flight == 2 ? async_probe_kernel<2> : async_probe_kernel<8>;
+  return launch_kernel(kernel, dim3(1), dim3(32), 0, nullptr, src, dst, steps, exit_wait != 0);
+}
 
 const char* pfk_emu_failure() { return pfk_emu::failure.c_str(); }
 

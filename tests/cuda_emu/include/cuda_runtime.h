@@ -3,7 +3,8 @@
 //
 // What it checks: indexing, tiling, bounds, the kernels' arithmetic and reductions, launch limits (block size,
 // dynamic shared memory over 48 KiB without cudaFuncSetAttribute), and WMMA's documented preconditions
-// (32-byte aligned pointers, ldm multiples) in mma.h. Shared memory starts filled with NaN bytes, so reading
+// (32-byte aligned pointers, ldm multiples) in mma.h, and cp.async waits (copies land only at the wait; see
+// AsyncGroups). Shared memory starts filled with NaN bytes, so reading
 // what no thread wrote shows up in the results. With -fsanitize=address,undefined it is a CPU memcheck.
 // What it cannot check: timing, the GPU memory model beyond barriers, warp-level hardware layouts.
 //
@@ -20,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -88,6 +90,46 @@ inline std::vector<std::pair<const void*, int>>& smem_limits() {
 
 inline int lane_id() { return ctx.linear_tid % kWarpSize; }
 
+// cp.async (csrc/include/pfk_async.cuh): each thread's copies wait in groups and land in shared memory only when a
+// wait retires their group, as late as the hardware may land them. Until then the destination holds NaN bytes, so
+// reading a stage before its wait (a missing wait, a wait that leaves too many groups in flight, a stage index off
+// by one) gives NaN instead of the right data by luck. A thread that exits with copies in flight fails the launch.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+struct AsyncGroups {
+  std::vector<AsyncCopy> open;                   // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> in_flight;  // committed, oldest first
+};
+inline thread_local AsyncGroups async_groups;
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % 16 || (valid && reinterpret_cast<uintptr_t>(src) % 16))
+    throw std::runtime_error("cp.async: 16-byte copy with a misaligned address");
+  AsyncCopy c{static_cast<unsigned char*>(dst), {}};
+  if (valid) std::memcpy(c.bytes, src, 16);  // the source is read when the copy is issued
+  std::memset(dst, 0xFF, 16);                // and the destination is undefined until the wait
+  async_groups.open.push_back(c);
+}
+inline void cp_async_commit() {
+  async_groups.in_flight.push_back(std::move(async_groups.open));
+  async_groups.open.clear();
+}
+inline void cp_async_wait(int n) {
+  while (async_groups.in_flight.size() > static_cast<size_t>(n)) {
+    for (const AsyncCopy& c : async_groups.in_flight.front()) std::memcpy(c.dst, c.bytes, 16);
+    async_groups.in_flight.pop_front();
+  }
+}
+// Called when a thread's kernel body returns: every copy it issued must have been waited for.
+inline void cp_async_check_drained() {
+  bool pending = !async_groups.open.empty();
+  for (const auto& g : async_groups.in_flight) pending = pending || !g.empty();
+  async_groups = AsyncGroups{};
+  if (pending) throw std::runtime_error("cp.async: a thread exited with copies still in flight (a missing wait)");
+}
+
 struct Block {
   std::unique_ptr<Barrier> bar;
   std::vector<std::unique_ptr<Barrier>> warps;
@@ -144,10 +186,12 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, boo
   auto body = [&]() {
     try {
       std::apply(kernel, targs);
+      cp_async_check_drained();
     } catch (const std::exception& e) {
       std::lock_guard<std::mutex> lock(error_mu);
       if (error.empty()) error = e.what();
     }
+    async_groups = AsyncGroups{};
   };
   std::vector<std::thread> pool;
   if (cooperative) {
