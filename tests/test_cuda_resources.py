@@ -76,8 +76,10 @@ def test_occupancy_arithmetic():
 
 @pytest.mark.parametrize("source", ["lora/shrink_kernel.cu", "lora/dhg_kernel.cu", "topk/pair_gemm_kernel.cu",
                                     "topk/expand_kernel.cu", "topk/wgrad_kernel.cu"])
-def test_tensor_core_kernels_use_tensor_cores(source, tmp_path):
-    """The large-T and top-k kernels multiply on tensor cores (WMMA lowers to mma.sync / HMMA), fp16 and bf16."""
+def test_tensor_core_kernels_use_tensor_cores_and_cp_async(source, tmp_path):
+    """The large-T and top-k kernels multiply on tensor cores (WMMA lowers to mma.sync / HMMA), fp16 and bf16, and
+    every one of them feeds its tiles through the cp.async pipeline of pfk_mma.cuh: 16-byte copies that bypass L1
+    (cp.async.cg), and a wait that keeps one younger group in flight (wait_group 1: 3 stages)."""
     ptx = tmp_path / "k.ptx"
     res = subprocess.run([NVCC, "-O3", "-std=c++17", f"-I{ROOT / 'csrc' / 'include'}", "-arch=sm_80", "-ptx",
                           str(ROOT / "csrc" / source), "-o", str(ptx)], capture_output=True, text=True,
@@ -87,3 +89,9 @@ def test_tensor_core_kernels_use_tensor_cores(source, tmp_path):
     assert re.search(r"wmma\.mma\.sync\.aligned\.(row|col)\.(row|col)\.m16n16k16\.f32\.bf16\.bf16\.f32", text), \
         "no bf16 mma"
     assert re.search(r"wmma\.mma\.sync\.aligned\.(row|col)\.(row|col)\.m16n16k16\.f32\.f32", text), "no fp16 mma"
+    entries = re.split(r"\.entry\s+", text)[1:]
+    assert entries
+    for body in entries:
+        name = body.split("(", 1)[0]
+        assert "cp.async.cg.shared.global" in body, f"{name}: tiles are not loaded with cp.async"
+        assert re.search(r"cp\.async\.wait_group\s+1;", body), f"{name}: no 3-stage wait (wait_group 1)"

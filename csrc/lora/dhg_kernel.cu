@@ -36,9 +36,9 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
   const int64_t c0 = static_cast<int64_t>(e0) * r;
   const int rows = static_cast<int>(T_ - m0 < Tile::BM ? T_ - m0 : Tile::BM);
 
-  tile_mma<T, BN, wmma::row_major, wmma::row_major>(N, smem, [&](int64_t k0, T* As, T* Bs) {
-    load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(dy, DenseRows{m0, rows}, Tile::BM, N, k0, As, vec_dy);
-    load_lora_b_tile<T, BN>(B, N, r, e0, cols, k0, Bs, vec_b);
+  tile_mma<T, BN, wmma::row_major, wmma::row_major>(N, smem, [&](const Stage<T>& s) {
+    load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(dy, DenseRows{m0, rows}, Tile::BM, N, s.k0, s.A, vec_dy);
+    load_lora_b_tile<T, BN>(B, N, r, e0, cols, s.k0, s.B, vec_b);
   });
 
   const float* Cs = reinterpret_cast<const float*>(smem);

@@ -33,10 +33,16 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
   LoadOps drop;
   if (p > 0.f) drop = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
 
-  tile_mma<T, BN, wmma::row_major, wmma::col_major>(K, smem, [&](int64_t k0, T* As, T* Bs) {
-    load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(x, DenseRows{m0, rows}, Tile::BM, K, k0, As, vec, drop);
-    load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(A, DenseRows{c0, cols}, BN, K, k0, Bs, vec);
-  });
+  const DenseRows x_rows{m0, rows};
+  tile_mma<T, BN, wmma::row_major, wmma::col_major>(
+      K, smem,
+      [&](const Stage<T>& s) {
+        load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(x, x_rows, Tile::BM, K, s.k0, s.A, vec);
+        load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(A, DenseRows{c0, cols}, BN, K, s.k0, s.B, vec);
+      },
+      [&](const Stage<T>& s) {
+        finish_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(x_rows, Tile::BM, K, s.k0, s.A, drop);
+      });
 
   const float* Cs = reinterpret_cast<const float*>(smem);
   for (int i = threadIdx.x; i < rows * cols; i += Tile::kThreads) {

@@ -36,16 +36,16 @@ __global__ void __launch_bounds__(MmaTile<kTileN>::kThreads, 1)
 
   if constexpr (MODE == kExpandY) {
     const T* B_e = M + static_cast<int64_t>(blk.expert) * n_out * r;  // [N, r]: column n of the operand is row n
-    tile_mma<T, kTileN, wmma::row_major, wmma::col_major>(r, smem, [&](int64_t k0, T* As, T* Bs) {
-      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, k0, As, vec_x2);
-      load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(B_e, DenseRows{n0, cols}, kTileN, r, k0, Bs, vec_x2);
+    tile_mma<T, kTileN, wmma::row_major, wmma::col_major>(r, smem, [&](const Stage<T>& s) {
+      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, s.k0, s.A, vec_x2);
+      load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(B_e, DenseRows{n0, cols}, kTileN, r, s.k0, s.B, vec_x2);
     });
   } else {
     const T* A_e = M + static_cast<int64_t>(blk.expert) * r * n_out;  // [r, K]
-    tile_mma<T, kTileN, wmma::row_major, wmma::row_major>(r, smem, [&](int64_t k0, T* As, T* Bs) {
-      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, k0, As, vec_x2);
-      load_c_tile<T, Tile::BK, kTileN, Tile::LDB_ROW, Tile::kThreads>(A_e, DenseRows{k0, static_cast<int>(r - k0)},
-                                                                      n_out, n0, cols, Bs, vec_m);
+    tile_mma<T, kTileN, wmma::row_major, wmma::row_major>(r, smem, [&](const Stage<T>& s) {
+      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X2, pairs, Tile::BM, r, s.k0, s.A, vec_x2);
+      load_c_tile<T, Tile::BK, kTileN, Tile::LDB_ROW, Tile::kThreads>(A_e, DenseRows{s.k0, static_cast<int>(r - s.k0)},
+                                                                      n_out, n0, cols, s.B, vec_m);
     });
   }
 

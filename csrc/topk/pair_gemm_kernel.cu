@@ -37,14 +37,19 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
     LoadOps drop;
     if (p > 0.f) drop = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
     const T* A_e = M + static_cast<int64_t>(blk.expert) * r * L;  // [r, K]
-    tile_mma<T, BN, wmma::row_major, wmma::col_major>(L, smem, [&](int64_t k0, T* As, T* Bs) {
-      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X, toks, Tile::BM, L, k0, As, vec_x, drop);
-      load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(A_e, DenseRows{0, r}, BN, L, k0, Bs, vec_m);
-    });
+    tile_mma<T, BN, wmma::row_major, wmma::col_major>(
+        L, smem,
+        [&](const Stage<T>& s) {
+          load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X, toks, Tile::BM, L, s.k0, s.A, vec_x);
+          load_k_tile<T, Tile::BK, Tile::LDB_COL, Tile::kThreads>(A_e, DenseRows{0, r}, BN, L, s.k0, s.B, vec_m);
+        },
+        [&](const Stage<T>& s) {
+          finish_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(toks, Tile::BM, L, s.k0, s.A, drop);
+        });
   } else {
-    tile_mma<T, BN, wmma::row_major, wmma::row_major>(L, smem, [&](int64_t k0, T* As, T* Bs) {
-      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X, toks, Tile::BM, L, k0, As, vec_x);
-      load_lora_b_tile<T, BN>(M, L, r, blk.expert, r, k0, Bs, vec_m);
+    tile_mma<T, BN, wmma::row_major, wmma::row_major>(L, smem, [&](const Stage<T>& s) {
+      load_k_tile<T, Tile::BK, Tile::LDA_ROW, Tile::kThreads>(X, toks, Tile::BM, L, s.k0, s.A, vec_x);
+      load_lora_b_tile<T, BN>(M, L, r, blk.expert, r, s.k0, s.B, vec_m);
     });
   }
 

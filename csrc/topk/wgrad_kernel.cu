@@ -35,30 +35,50 @@ __global__ void __launch_bounds__(MmaTile<BN>::kThreads, 1)
   const int j_valid = static_cast<int>(J - j0 < BN ? J - j0 : BN);
   const int begin = rt.group_start[e * rt.k];
   const int count = rt.group_start[e * rt.k + rt.k] - begin;
-  const PairArrays arr = PairArrays::at(smem, Tile::union_bytes(sizeof(T)));
   const float s_e = scaling[e];
-  LoadOps q_ops;
-  if (MODE == kWgradB) q_ops.coef = arr.coef;
-  if (MODE == kWgradA && p > 0.f) q_ops = LoadOps{nullptr, static_cast<uint64_t>(*seed), p, scale};
+  const float p_drop = MODE == kWgradA ? p : 0.f;
+  const uint64_t s_drop = p_drop > 0.f ? static_cast<uint64_t>(*seed) : 0;
+  // Each pipeline stage gathers its own 32 pairs, in its own arrays after the stages' shared memory.
+  auto arrays = [&](const Stage<T>& s) {
+    return PairArrays::at(smem, Tile::union_bytes(sizeof(T)) + static_cast<size_t>(s.index) * PairArrays::kBytes);
+  };
+  auto valid_at = [&](const Stage<T>& s) {
+    return static_cast<int>(count - s.k0 < Tile::BK ? count - s.k0 : Tile::BK);
+  };
 
-  tile_mma<T, BN, wmma::col_major, wmma::row_major>(count, smem, [&](int64_t k0, T* As, T* Bs) {
-    const int valid = static_cast<int>(count - k0 < Tile::BK ? count - k0 : Tile::BK);
-    for (int i = threadIdx.x; i < valid; i += Tile::kThreads) {
-      const int pair = rt.sorted_pairs[begin + k0 + i];
-      arr.pairs[i] = pair;
-      arr.toks[i] = pair / rt.k;
-      arr.coef[i] = w_pair[pair] * s_e;
-    }
-    __syncthreads();
-    const GatheredRows toks{arr.toks, valid}, pairs{arr.pairs, valid};
-    if constexpr (MODE == kWgradB) {  // A = dy[tok]^T, B = H[p] w_p s_e
-      load_c_tile<T, Tile::BK, Tile::BM, Tile::LDA_COL, Tile::kThreads>(P, toks, I, i0, i_valid, As, vec_p);
-      load_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(Q, pairs, J, j0, j_valid, Bs, vec_q, q_ops);
-    } else {  // A = dH[p]^T, B = drop(x)[tok]
-      load_c_tile<T, Tile::BK, Tile::BM, Tile::LDA_COL, Tile::kThreads>(P, pairs, I, i0, i_valid, As, vec_p);
-      load_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(Q, toks, J, j0, j_valid, Bs, vec_q, q_ops);
-    }
-  });
+  tile_mma<T, BN, wmma::col_major, wmma::row_major>(
+      count, smem,
+      [&](const Stage<T>& s) {
+        const PairArrays arr = arrays(s);
+        const int valid = valid_at(s);
+        for (int i = threadIdx.x; i < valid; i += Tile::kThreads) {
+          const int pair = rt.sorted_pairs[begin + s.k0 + i];
+          arr.pairs[i] = pair;
+          arr.toks[i] = pair / rt.k;
+          arr.coef[i] = w_pair[pair] * s_e;
+        }
+        __syncthreads();
+        const GatheredRows toks{arr.toks, valid}, pairs{arr.pairs, valid};
+        if constexpr (MODE == kWgradB) {  // A = dy[tok]^T, B = H[p] w_p s_e
+          load_c_tile<T, Tile::BK, Tile::BM, Tile::LDA_COL, Tile::kThreads>(P, toks, I, i0, i_valid, s.A, vec_p);
+          load_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(Q, pairs, J, j0, j_valid, s.B, vec_q);
+        } else {  // A = dH[p]^T, B = drop(x)[tok]
+          load_c_tile<T, Tile::BK, Tile::BM, Tile::LDA_COL, Tile::kThreads>(P, pairs, I, i0, i_valid, s.A, vec_p);
+          load_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(Q, toks, J, j0, j_valid, s.B, vec_q);
+        }
+      },
+      [&](const Stage<T>& s) {  // the coefficient (mode 0) or the dropout mask (mode 1) on Q's rows
+        const PairArrays arr = arrays(s);
+        const int valid = valid_at(s);
+        if constexpr (MODE == kWgradB) {
+          const LoadOps ops{arr.coef};
+          finish_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(GatheredRows{arr.pairs, valid}, J, j0, s.B,
+                                                                        ops);
+        } else {
+          const LoadOps ops{nullptr, s_drop, p_drop, scale};
+          finish_c_tile<T, Tile::BK, BN, Tile::LDB_ROW, Tile::kThreads>(GatheredRows{arr.toks, valid}, J, j0, s.B, ops);
+        }
+      });
 
   const float* Cs = reinterpret_cast<const float*>(smem);
   for (int i = threadIdx.x; i < i_valid * j_valid; i += Tile::kThreads) {
@@ -79,9 +99,9 @@ cudaError_t launch_mode(const TopkWgradArgs& a, cudaStream_t stream) {
   const float scale = p > 0.f ? static_cast<float>(1.0 / (1.0 - static_cast<double>(p))) : 1.f;
   const int64_t tiles = (I + Tile::BM - 1) / Tile::BM * ((J + BN - 1) / BN);
   return launch_kernel(topk_wgrad_kernel<T, BN, MODE>, dim3(static_cast<unsigned>(a.E * tiles)), dim3(Tile::kThreads),
-                       Tile::union_bytes(sizeof(T)) + PairArrays::kBytes, stream, static_cast<const T*>(a.P),
-                       static_cast<const T*>(a.Q), a.w_pair, a.scaling, a.seed, static_cast<T*>(a.out), a.route, I, J,
-                       a.r, vec_p, vec_q, p, scale);
+                       Tile::union_bytes(sizeof(T)) + Tile::kStages * PairArrays::kBytes, stream,
+                       static_cast<const T*>(a.P), static_cast<const T*>(a.Q), a.w_pair, a.scaling, a.seed,
+                       static_cast<T*>(a.out), a.route, I, J, a.r, vec_p, vec_q, p, scale);
 }
 
 template <typename T>
