@@ -11,6 +11,8 @@
 #include <atomic>
 #include <cstdint>
 #include <initializer_list>
+#include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -131,17 +133,16 @@ int sm_count(int device) {
   return n;
 }
 
-// y += LoRA branch for T <= 64 in one launch; returns H [T, E*r] (kept for backward).
-at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
-                        const at::Tensor& x,        // [T, K]
-                        const at::Tensor& lora_A,   // [E, r, K]
-                        const at::Tensor& lora_B,   // [E, N, r]
-                        const at::Tensor& gates,    // [T / seq_len, E] float32
-                        const at::Tensor& scaling,  // [E] float32
-                        int64_t seq_len) {
-  using Ptrs = std::initializer_list<const at::Tensor*>;
-  for (const at::Tensor* t : Ptrs{&y, &x, &lora_A, &lora_B, &gates, &scaling}) {
-    TORCH_CHECK(PFK_ON_DEVICE(*t) && t->is_contiguous(), "lora_decode_: every tensor must be a contiguous CUDA tensor");
+// The decode launch (T <= 64) for y [T, N]: with weight (defined), y = x W^T + b + LoRA term (W streamed once);
+// without, y += LoRA term. Returns H [T, E*r] (kept for backward). op names the caller in error messages.
+at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
+                      const at::Tensor& bias, const at::Tensor& lora_A, const at::Tensor& lora_B,
+                      const at::Tensor& gates, const at::Tensor& scaling, int64_t seq_len) {
+  std::vector<const at::Tensor*> all{&y, &x, &lora_A, &lora_B, &gates, &scaling};
+  if (weight.defined()) all.push_back(&weight);
+  if (bias.defined()) all.push_back(&bias);
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(PFK_ON_DEVICE(*t) && t->is_contiguous(), op, ": every tensor must be a contiguous CUDA tensor");
   }
   PFK_CHECK_DIM(x, 2);
   PFK_CHECK_DIM(y, 2);
@@ -149,56 +150,91 @@ at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
   PFK_CHECK_DIM(lora_B, 3);
   const int64_t T = x.size(0), K = x.size(1), N = y.size(1);
   const int64_t E = lora_A.size(0), r = lora_A.size(1), C = E * r;
-  TORCH_CHECK(T >= 1 && T <= kDecodeMaxTokens, "lora_decode_ is for 1 to ", kDecodeMaxTokens, " tokens, got ", T);
-  TORCH_CHECK(C <= kDecodeMaxWidth, "lora_decode_ needs E * r <= ", kDecodeMaxWidth, ", got ", C);
+  TORCH_CHECK(T >= 1 && T <= kDecodeMaxTokens, op, " is for 1 to ", kDecodeMaxTokens, " tokens, got ", T);
+  TORCH_CHECK(C <= kDecodeMaxWidth, op, " needs E * r <= ", kDecodeMaxWidth, ", got ", C);
   PFK_CHECK_SHAPE(y, T, N);
   PFK_CHECK_SHAPE(lora_A, E, r, K);
   PFK_CHECK_SHAPE(lora_B, E, N, r);
+  if (weight.defined()) PFK_CHECK_SHAPE(weight, N, K);
+  if (bias.defined()) {
+    TORCH_CHECK(weight.defined(), op, ": a bias comes with the weight");
+    PFK_CHECK_SHAPE(bias, N);
+  }
   TORCH_CHECK(seq_len >= 1 && T % seq_len == 0, "seq_len must divide T = ", T, ", got ", seq_len);
   PFK_CHECK_SHAPE(gates, T / seq_len, E);
   PFK_CHECK_SHAPE(scaling, E);
   PFK_CHECK_DTYPE(gates, at::kFloat);
   PFK_CHECK_DTYPE(scaling, at::kFloat);
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-              "lora_decode_ supports float16 and bfloat16, got ", x.scalar_type());
-  for (const at::Tensor* t : Ptrs{&y, &lora_A, &lora_B}) {
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "lora_decode_: y, lora_A and lora_B must have x's dtype ",
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              " supports float16 and bfloat16, got ", x.scalar_type());
+  for (const at::Tensor* t : all) {
+    if (t == &gates || t == &scaling) continue;
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": y, weight, bias, lora_A and lora_B must have x's dtype ",
                 x.scalar_type(), ", got ", t->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int num_sms = sm_count(x.device().index());
-  const DecodePlan plan = plan_lora_decode(T, K, E, r, num_sms);
+  const DecodePlan plan = plan_lora_decode(T, K, E, r);
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  // one allocation: H, then the Hg scratch, both [T, C] in x's dtype (H's size rounded up to 16 bytes)
+  const int64_t h_elems = (T * C + 7) / 8 * 8;
+  at::Tensor storage = at::empty({h_elems + T * C}, x.options());
+  at::Tensor H = storage.narrow(0, 0, T * C).view({T, C});
   DecodeArgs a{};
   a.dtype = to_dtype(x, "x");
-  a.k_slice = plan.k_slice;
-  a.rows_per_tile = plan.rows_per_tile;
-  a.smem_bytes = plan.smem_bytes;
-  at::Tensor H = at::empty({T, C}, x.options());
-  // one fp32 scratch allocation: the split-K partials [num_slices, T, C], then Hg [T, C]
-  at::Tensor scratch = at::empty({(plan.num_slices + 1) * T * C}, gates.options());
-  float* partial = scratch.data_ptr<float>();
-  float* Hg = partial + static_cast<int64_t>(plan.num_slices) * T * C;
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  a.vectorized = K % 8 == 0 && aligned(lora_A) && aligned(lora_B);
+  a.vectorized =
+      K % 8 == 0 && aligned(x) && aligned(lora_A) && aligned(lora_B) && (!weight.defined() || aligned(weight));
   a.x = x.data_ptr();
+  a.W = weight.defined() ? weight.data_ptr() : nullptr;
+  a.bias = bias.defined() ? bias.data_ptr() : nullptr;
   a.A = lora_A.data_ptr();
   a.B = lora_B.data_ptr();
   a.gates = gates.data_ptr<float>();
   a.scaling = scaling.data_ptr<float>();
   a.y = y.data_ptr();
   a.H = H.data_ptr();
-  a.partial = partial;
-  a.Hg = Hg;
+  a.Hg = static_cast<char*>(storage.data_ptr()) + h_elems * storage.element_size();
   a.T = static_cast<int>(T);
   a.K = static_cast<int>(K);
   a.N = static_cast<int>(N);
   a.E = static_cast<int>(E);
   a.r = static_cast<int>(r);
   a.seq_len = static_cast<int>(seq_len);
-  a.num_sms = num_sms;
+  a.k_chunk = plan.k_chunk;
+  a.c_chunk = plan.c_chunk;
+  a.smem_bytes = plan.smem_bytes;
+  a.num_sms = sm_count(x.device().index());
   const cudaError_t err = launch_lora_decode(a, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "personafuse lora_decode_ launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
   return H;
+}
+
+// y += LoRA term for T <= 64 in one launch (y computed by someone else: a quantized base, an accumulator);
+// returns H [T, E*r].
+at::Tensor lora_decode_(at::Tensor& y,              // [T, N]
+                        const at::Tensor& x,        // [T, K]
+                        const at::Tensor& lora_A,   // [E, r, K]
+                        const at::Tensor& lora_B,   // [E, N, r]
+                        const at::Tensor& gates,    // [T / seq_len, E] float32
+                        const at::Tensor& scaling,  // [E] float32
+                        int64_t seq_len) {
+  return run_decode("lora_decode_", y, x, at::Tensor(), at::Tensor(), lora_A, lora_B, gates, scaling, seq_len);
+}
+
+// The whole routed linear for T <= 64 in one launch: (y = x W^T + b + LoRA term [T, N], H [T, E*r]).
+std::tuple<at::Tensor, at::Tensor> lora_decode_linear(const at::Tensor& x,                    // [T, K]
+                                                      const at::Tensor& weight,               // [N, K]
+                                                      const c10::optional<at::Tensor>& bias,  // [N]
+                                                      const at::Tensor& lora_A,               // [E, r, K]
+                                                      const at::Tensor& lora_B,               // [E, N, r]
+                                                      const at::Tensor& gates,    // [T / seq_len, E] float32
+                                                      const at::Tensor& scaling,  // [E] float32
+                                                      int64_t seq_len) {
+  PFK_CHECK_DIM(x, 2);
+  PFK_CHECK_DIM(weight, 2);
+  at::Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
+  at::Tensor H = run_decode("lora_decode_linear", y, x, weight, bias.has_value() ? *bias : at::Tensor(), lora_A, lora_B,
+                            gates, scaling, seq_len);
+  return {y, H};
 }
 
 void check_low_precision_operands(const at::Tensor& ref, std::initializer_list<const at::Tensor*> same_dtype,
@@ -549,6 +585,9 @@ PFK_TORCH_LIBRARY(PFK_LIBRARY, m) {
       "lora_decode_(Tensor(a!) y, Tensor x, Tensor lora_A, Tensor lora_B, Tensor gates, Tensor scaling, "
       "int seq_len) -> Tensor");
   m.def(
+      "lora_decode_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor gates, "
+      "Tensor scaling, int seq_len) -> (Tensor, Tensor)");
+  m.def(
       "lora_shrink(Tensor x, Tensor lora_A, Tensor gates, Tensor scaling, Tensor seed, int seq_len, "
       "float dropout_p) -> (Tensor, Tensor)");
   m.def("lora_dhg(Tensor dy, Tensor lora_B, Tensor H, Tensor gates, Tensor scaling, int seq_len) -> (Tensor, Tensor)");
@@ -577,6 +616,7 @@ PFK_TORCH_LIBRARY_IMPL(PFK_LIBRARY, PFK_DISPATCH_KEY, m) {
   m.impl("gate_forward", &personafuse::gate_forward);
   m.impl("gate_backward", &personafuse::gate_backward);
   m.impl("lora_decode_", &personafuse::lora_decode_);
+  m.impl("lora_decode_linear", &personafuse::lora_decode_linear);
   m.impl("lora_shrink", &personafuse::lora_shrink);
   m.impl("lora_dhg", &personafuse::lora_dhg);
   m.impl("topk_pair_shrink", &personafuse::topk_pair_shrink);

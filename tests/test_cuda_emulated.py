@@ -50,45 +50,75 @@ def test_gate_kernels(dtype, T, E, r, seq_len):
     torch.testing.assert_close(dgates, dg_ref, rtol=1e-5, atol=1e-5)
 
 
-def _decode(x, A, B, gates, scaling, y, seq_len, num_sms, vectorized):
+def _decode(x, A, B, gates, scaling, y, seq_len, num_sms, vectorized, W=None, bias=None):
+    """The decode launch: y = x W^T + b + LoRA term when W is given, else y += LoRA term. Returns H."""
     T, K = x.shape
     E, r, _ = A.shape
-    plan = (emu.ctypes.c_int64 * 4)()
-    emu.lib().pfk_emu_decode_plan(emu.i64(T), emu.i64(K), emu.i64(E), emu.i64(r), emu.i32(num_sms), plan)
     H = emu.poisoned(T, E * r, dtype=x.dtype)
-    partial = emu.poisoned(plan[3], T, E * r, dtype=torch.float32)
-    Hg = emu.poisoned(T, E * r, dtype=torch.float32)
+    Hg = emu.poisoned(T, E * r, dtype=x.dtype)
     emu.check(emu.lib().pfk_emu_lora_decode(
-        emu.DTYPES[x.dtype], emu.i32(vectorized), emu.ptr(x), emu.ptr(A), emu.ptr(B), emu.ptr(gates),
-        emu.ptr(scaling), emu.ptr(y), emu.ptr(H), emu.ptr(partial), emu.ptr(Hg), emu.i32(T), emu.i32(K),
+        emu.DTYPES[x.dtype], emu.i32(vectorized), emu.ptr(x), emu.ptr(W), emu.ptr(bias), emu.ptr(A), emu.ptr(B),
+        emu.ptr(gates), emu.ptr(scaling), emu.ptr(y), emu.ptr(H), emu.ptr(Hg), emu.i32(T), emu.i32(K),
         emu.i32(B.shape[1]), emu.i32(E), emu.i32(r), emu.i32(seq_len), emu.i32(num_sms)), "lora_decode")
     return H
 
 
+def _decode_plan(T, K, E, r):
+    plan = (emu.ctypes.c_int64 * 3)()
+    emu.lib().pfk_emu_decode_plan(emu.i64(T), emu.i64(K), emu.i64(E), emu.i64(r), plan)
+    return {"k_chunk": plan[0], "c_chunk": plan[1], "smem_bytes": plan[2]}
+
+
 @pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("base", ["given", "fused", "fused+bias"])
 @pytest.mark.parametrize("T,K,N,E,r,seq_len,vectorized", [
     (1, 64, 48, 10, 16, 1, True),
     (7, 72, 40, 3, 5, 7, False),
     (16, 200, 130, 10, 16, 8, True),
-    (64, 96, 33, 64, 1, 1, True),
+    (64, 96, 33, 64, 1, 1, True),  # 4 passes of 16 tokens
     (5, 37, 19, 2, 128, 1, False),
+    (40, 1104, 21, 1, 8, 20, True),  # x staged in 2 chunks (1024 + a tail of 80), 3 passes (16, 16, 8 tokens)
 ])
-def test_decode_kernel(dtype, T, K, N, E, r, seq_len, vectorized):
+def test_decode_kernel(dtype, base, T, K, N, E, r, seq_len, vectorized):
+    """One launch: the base (given in y, or computed from W and b) plus the routed LoRA term."""
     x = torch.randn(T, K).to(dtype)
     A = (torch.randn(E, r, K) / K**0.5).to(dtype)
     B = torch.randn(E, N, r).to(dtype)
     gates, scaling = _gates(T, E, seq_len)
-    y0 = torch.randn(T, N).to(dtype)
+    W = (torch.randn(N, K) / K**0.5).to(dtype) if base != "given" else None
+    bias = torch.randn(N).to(dtype) if base == "fused+bias" else None
+    y0 = torch.randn(T, N).to(dtype) if base == "given" else emu.poisoned(T, N, dtype=dtype)
     y = y0.clone()
-    H = _decode(x, A, B, gates, scaling, y, seq_len, num_sms=3, vectorized=vectorized)
+    H = _decode(x, A, B, gates, scaling, y, seq_len, num_sms=3, vectorized=vectorized, W=W, bias=bias)
     H_ref = x.double() @ A.reshape(E * r, K).double().t()
     assert_close(H, H_ref, REL_TOL[dtype], "H")
-    Hg = TorchGateOps.forward(H, gates, scaling, seq_len).double()  # from the kernel's own rounded H
-    y_ref = y0.double() + Hg @ _b_cat(B).double().t()
+    # from the kernel's own rounded H, with Hg rounded to the dtype as the torch backend does
+    Hg = TorchGateOps.forward(H, gates, scaling, seq_len).double()
+    if W is None:
+        y_base = y0.double()
+    else:  # rounded to the dtype, as F.linear's output is before the LoRA term goes in
+        y_base = torch.nn.functional.linear(x.double(), W.double(), None if bias is None else bias.double())
+        y_base = y_base.to(dtype).double()
+    y_ref = y_base + Hg @ _b_cat(B).double().t()
     assert_close(y, y_ref, REL_TOL[dtype], "y")
     y2 = y0.clone()
-    H2 = _decode(x, A, B, gates, scaling, y2, seq_len, num_sms=3, vectorized=vectorized)
+    H2 = _decode(x, A, B, gates, scaling, y2, seq_len, num_sms=3, vectorized=vectorized, W=W, bias=bias)
     assert torch.equal(H, H2) and torch.equal(y, y2), "the decode kernel must be deterministic"
+
+
+@pytest.mark.parametrize("T,K,E,r,k_chunk,c_chunk", [
+    (1, 4096, 10, 16, 4096, 256),  # decode: all of x in one stage
+    (16, 4096, 10, 16, 1024, 256),
+    (64, 14336, 64, 16, 1024, 1024),
+    (3, 37, 1, 1, 256, 256),
+])
+def test_decode_plan_stages_within_budget(T, K, E, r, k_chunk, c_chunk):
+    """The staged chunks are whole warp steps (256 elements), fit 32 KiB for min(T, 16) tokens, and shared memory
+    stays under the 48 KiB a launch gets without raising its limit."""
+    plan = _decode_plan(T, K, E, r)
+    assert (plan["k_chunk"], plan["c_chunk"]) == (k_chunk, c_chunk)
+    tok = min(T, 16)
+    assert plan["k_chunk"] % 256 == 0 and 2 * tok * plan["k_chunk"] <= plan["smem_bytes"] <= 48 * 1024
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="AddressSanitizer runtime preload is set up for Linux")

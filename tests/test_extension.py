@@ -9,7 +9,7 @@ import personafuse_kernels as pfk
 from personafuse_kernels._extension import load_extension
 from personafuse_kernels.ops.routed_lora_torch import TorchGateOps
 
-OPS = ("gate_forward", "gate_backward", "lora_decode_", "lora_shrink", "lora_dhg")
+OPS = ("gate_forward", "gate_backward", "lora_decode_", "lora_decode_linear", "lora_shrink", "lora_dhg")
 
 
 def _built() -> bool:
@@ -109,7 +109,8 @@ def test_cuda_backend_matches_torch_backend(gate_mode):
                                                (64, 4096, 4096, 10, 16, 1), (7, 45, 33, 3, 4, 7), (5, 96, 40, 64, 2, 1),
                                                (3, 200, 130, 2, 128, 3), (1, 33, 45, 1, 1, 1)])
 def test_decode_kernel_matches_torch_backend(dtype, T, K, N, E, r, seq_len):
-    """One cooperative launch (shrink + gate + expand into the cuBLAS output) against the stacked torch path."""
+    """One cooperative launch (base GEMV + shrink + gate + expand), and the same kernel adding the LoRA term into a
+    base output computed elsewhere (routed_lora_delta), against the stacked torch path."""
     from personafuse_kernels.ops import routed_lora_cuda, routed_lora_torch
 
     load_extension()
@@ -130,6 +131,10 @@ def test_decode_kernel_matches_torch_backend(dtype, T, K, N, E, r, seq_len):
     torch.testing.assert_close(H, H_ref, rtol=2e-2, atol=2e-2)
     y2, _ = routed_lora_cuda.forward(x, W, b, A, B, gates, s, seed, seq_len, 0.0)
     assert torch.equal(y, y2), "the decode kernel must be deterministic"
+    out = torch.nn.functional.linear(x, W, b)
+    H3 = routed_lora_cuda.delta_forward(out, x, A, B, gates, s, seed, seq_len, 0.0)
+    assert_within_3x(out, y_ref, y64, "y (LoRA term into a given base output)")
+    torch.testing.assert_close(H3, H_ref, rtol=2e-2, atol=2e-2)
 
 
 @requires_cuda

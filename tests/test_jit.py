@@ -91,8 +91,8 @@ def test_real_jit_build_registers_the_ops(tmp_path):
         "from personafuse_kernels import _extension\n"
         "m = _extension.jit_build(need_gpu=False)\n"
         "print('module', m.__file__)\n"
-        "for op in ('gate_forward', 'gate_backward', 'lora_decode_', 'lora_shrink', 'lora_dhg', 'topk_pair_shrink',"
-        " 'topk_pair_dhg', 'topk_expand_y_', 'topk_expand_dx_', 'topk_wgrad_B', 'topk_wgrad_A'):\n"
+        "for op in ('gate_forward', 'gate_backward', 'lora_decode_', 'lora_decode_linear', 'lora_shrink', 'lora_dhg',"
+        " 'topk_pair_shrink', 'topk_pair_dhg', 'topk_expand_y_', 'topk_expand_dx_', 'topk_wgrad_B', 'topk_wgrad_A'):\n"
         "    print('op', op, getattr(torch.ops.personafuse, op).default._schema)\n"
     )
     env = {"PERSONAFUSE_CACHE_DIR": str(tmp_path), "TORCH_CUDA_ARCH_LIST": "8.0", "MAX_JOBS": "2"}

@@ -8,38 +8,44 @@
 
 namespace personafuse {
 
-// Decode path (T <= 64): y[t, :] += sum_c (H[t, c] * scaling[e] * gates[t / seq_len, e]) B_cat[:, c]
-// with H = x A_cat^T, in one cooperative launch (see csrc/lora/decode_kernel.cu).
+// Decode path (T <= 64), one cooperative launch (see csrc/lora/decode_kernel.cu):
+//   y = x W^T + b (when W is given; else y holds the base output already)
+//   y += sum_c (H[t, c] * gates[t / seq_len, e] * scaling[e]) B_cat[:, c],  H = x A_cat^T
 struct DecodeArgs {
   DType dtype;           // kFloat16 or kBFloat16
-  bool vectorized;       // 16-byte loads of A and B rows (K % 8 == 0, k_slice % 8 == 0, 16-byte aligned bases)
+  bool vectorized;       // 16-byte loads: K % 8 == 0 and x, W, A, B 16-byte aligned
   const void* x;         // [T, K]
+  const void* W;         // [N, K] base weight, or null (y holds the base output; the LoRA term is added)
+  const void* bias;      // [N] or null (with W only)
   const void* A;         // [E * r, K]
   const void* B;         // [E, N, r]
   const float* gates;    // [T / seq_len, E]
   const float* scaling;  // [E]
-  void* y;               // [T, N], accumulated in place
+  void* y;               // [T, N]: written when W is given, else accumulated in place
   void* H;               // [T, E * r] out
-  float* partial;        // [cdiv(K, k_slice), T, E * r] scratch
-  float* Hg;             // [T, E * r] scratch
+  void* Hg;              // [T, E * r] scratch, x's dtype
   int T, K, N, E, r, seq_len;
-  int k_slice;        // K columns per phase-1 slice
-  int rows_per_tile;  // Hg rows staged in shared memory per phase-3 pass
-  size_t smem_bytes;  // max(T * k_slice, rows_per_tile * E * r) * 4
+  int k_chunk;        // columns of x staged in shared memory per step (phase 1)
+  int c_chunk;        // columns of Hg staged per step (phase 2)
+  size_t smem_bytes;  // DecodePlan::smem_bytes
   int num_sms;
 };
 
-// How the decode kernel cuts the work for T tokens (host-side, no CUDA calls): the caller allocates
-// partial [num_slices, T, E * r] float32 and copies the fields into DecodeArgs.
+// How the decode kernel stages its operands for T tokens (host-side, no CUDA calls).
 struct DecodePlan {
-  int k_slice;        // about K / num_sms, a multiple of 8, and x's slice [T, k_slice] fp32 within 32 KiB
-  int rows_per_tile;  // Hg rows per phase-3 pass: as many as fit kMaxWidth floats
-  size_t smem_bytes;
-  int num_slices;  // cdiv(K, k_slice)
+  int k_chunk;        // a multiple of 256, min(T, 16) x k_chunk elements within kDecodeStageBytes
+  int c_chunk;        // the same for E * r
+  size_t smem_bytes;  // max(kDecodeReduceBytes, the larger stage)
 };
 constexpr int64_t kDecodeMaxTokens = 64;
-constexpr int64_t kDecodeMaxWidth = 12288;  // E * r: one Hg row in float must fit the 48 KiB of shared memory
-DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r, int num_sms);
+constexpr int64_t kDecodeMaxWidth = 12288;    // E * r; wider adapters take the tensor-core path
+constexpr int kDecodeTokensPerPass = 16;      // tokens a warp accumulates in registers at once
+constexpr int kDecodeGroupRows = 16;          // rows a block works on at once (8 warps x 2)
+constexpr int64_t kDecodeStageBytes = 32768;  // the staged tokens' operand
+constexpr size_t kDecodeReduceBytes = 33792;  // lane reduction: 16 rows x 16 tokens x 33 floats
+DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r);
+// Blocks of the cooperative grid: enough for 16 rows each of the larger phase, at most max_blocks (co-resident).
+int decode_grid(bool with_base, int64_t N, int64_t C, int max_blocks);
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream);
 

@@ -1,13 +1,18 @@
-// Decode path of the routed LoRA forward (T <= 64 tokens): shrink + gate + expand in ONE cooperative launch,
-// added into the base output y that cuBLAS computed:
-//   H[t, c]  = sum_k x[t, k] A_cat[c, k]                     A_cat = lora_A viewed [C, K], C = E * r
-//   Hg[t, c] = H[t, c] * scaling[e] * gates[t / seq_len, e]  e = c / r
-//   y[t, n] += sum_c Hg[t, c] * B[e, n, j]                   c = e * r + j, lora_B [E, N, r]
-// Bandwidth-bound by design: every byte of A and B is read once from DRAM, with 16-byte vector loads where the
-// rows are 16-byte aligned. Three phases separated by grid-wide barriers (cooperative launch):
-//   1. K is cut into slices; block s computes fp32 partial sums of H over its slice for all (t, c)
-//   2. partials are summed in slice order (deterministic), rounded to H's dtype, gated into Hg (fp32)
-//   3. N is cut into blocks of threads, one output column per thread, all T rows; y is read and written once
+// Decode path of the routed linear (T <= 64 tokens): base GEMV, shrink, gate and expand in ONE cooperative launch.
+//   H[t, c]  = sum_k x[t, k] A_cat[c, k]                    A_cat = lora_A viewed [C, K], C = E * r
+//   Hg[t, c] = H[t, c] * (gates[t / seq_len, e] * s[e])     e = c / r, rounded to x's dtype (as the torch backend)
+//   y[t, n]  = x[t, :] . W[n, :] + b[n]                     when W is given (else y already holds the base output)
+//   y[t, n] += sum_c Hg[t, c] B[e, n, j]                    c = e * r + j, lora_B [E, N, r]
+// At decode sizes every operand is read once and the cost is bytes: W is by far the largest (N x K against
+// (N + K) x C for the adapters), so the kernel streams W once and the adapters ride along in the same pass:
+//   phase 1: the rows of [W; A_cat] ([N + C, K]) are cut evenly across the blocks; each block dots its rows with
+//            every token of x (the base output, or H and Hg). One pass over W, A and x; no split-K partials.
+//   grid-wide barrier (Hg complete, cooperative launch)
+//   phase 2: the output columns are cut evenly across the blocks; column n dots B_cat's row n (the E slices
+//            B[e, n, :]) with Hg and adds into y.
+// Both phases are one routine (rows_dot_tokens): a block takes 16 rows at a time (2 per warp), lanes split each
+// row 8 elements apiece (16-byte loads), the tokens' operand is staged in shared memory a chunk at a time, and the
+// 32 lanes' partial sums are reduced through shared memory in lane order, so results are deterministic.
 // Only cuda_runtime, cooperative_groups and the fp16/bf16 headers: this file compiles in seconds.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
@@ -29,136 +34,198 @@ namespace personafuse {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRowsPerPass = 8;  // tokens accumulated in registers at once
+constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = 2;                    // rows a warp holds at once (2 independent 16-byte loads)
+constexpr int kGroupRows = kWarps * kRowsPerWarp;  // rows of the block per pass
+constexpr int kTok = kDecodeTokensPerPass;         // tokens accumulated in registers per pass
+constexpr int kVec = 8;                            // 16-bit elements per 16-byte load
+constexpr int kWarpStep = 32 * kVec;               // elements a warp covers per step
+constexpr int kRedStride = 33;                     // odd lane stride: the reduction reads are conflict-free
+static_assert(kGroupRows == kDecodeGroupRows && kGroupRows * kTok * kRedStride * sizeof(float) == kDecodeReduceBytes,
+              "pfk_lora.h is out of date");
 
-// (kThreads, 2): at least 2 blocks per SM, which lets ptxas use up to 128 registers; with the default it chose 64
-// on sm_80 and spilled (tests/test_cuda_resources.py checks for spills).
-template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads, 2)
-    lora_decode_kernel(const T* __restrict__ x,            // [T, K]
-                       const T* __restrict__ A,            // [C, K]
-                       const T* __restrict__ B,            // [E, N, r]
-                       const float* __restrict__ gates,    // [T / seq_len, E]
-                       const float* __restrict__ scaling,  // [E]
-                       T* __restrict__ y,                  // [T, N], accumulated in place
-                       T* __restrict__ H,                  // [T, C]
-                       float* __restrict__ partial,        // [num_slices, T, C]
-                       float* __restrict__ Hg,             // [T, C]
-                       int T_, int K, int N, int E, int r, int seq_len, int k_slice, int rows_per_tile) {
-  PFK_DYNAMIC_SMEM(float, smem);
-  cg::grid_group grid = cg::this_grid();
-  const int C = E * r;
-  const int num_slices = (K + k_slice - 1) / k_slice;
+// 8 elements of a row of length len from element k (k % 8 == 0), zero past len: one 16-byte load when vec.
+template <typename T>
+__device__ __forceinline__ void load_row8(const T* row, int k, int len, bool vec, float out[kVec]) {
+  if (vec && k + kVec <= len) {
+    load8<T, true>(row + k, out);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = k + i < len ? to_float(row[k + i]) : 0.f;
+}
 
-  // Phase 1: partial H over K-slices. x's slice is staged in shared memory as float [T, k_slice].
-  for (int s = blockIdx.x; s < num_slices; s += gridDim.x) {
-    const int k0 = s * k_slice;
-    const int len = min(k_slice, K - k0);
-    for (int i = threadIdx.x; i < T_ * k_slice; i += blockDim.x) {
-      const int t = i / k_slice, kk = i - t * k_slice;
-      smem[i] = kk < len ? to_float(x[(int64_t)t * K + k0 + kk]) : 0.f;
+// Phase 1's rows: W's N rows (when W is given), then A_cat's C rows, all of length K.
+template <typename T>
+struct StackedRows {
+  const T* W;  // [NW, K] or null (NW = 0)
+  const T* A;  // [C, K]
+  int NW, K;
+  bool vec;  // K % 8 == 0 and W, A 16-byte aligned
+  __device__ void load(int row, int k, float out[kVec]) const {
+    const T* p = row < NW ? W + static_cast<int64_t>(row) * K : A + static_cast<int64_t>(row - NW) * K;
+    load_row8(p, k, K, vec, out);
+  }
+};
+
+// Phase 2's rows: row n of B_cat [N, C], that is B[0, n, :], ..., B[E - 1, n, :] (r elements each).
+template <typename T>
+struct ExpertColumns {
+  const T* B;  // [E, N, r]
+  int N, r, C;
+  bool vec;  // r % 8 == 0 and B 16-byte aligned: 8 elements from c % 8 == 0 never straddle two experts
+  __device__ void load(int n, int c, float out[kVec]) const {
+    if (vec && c + kVec <= C) {
+      const int e = c / r;
+      load8<T, true>(B + (static_cast<int64_t>(e) * N + n) * r + (c - e * r), out);
+      return;
     }
-    __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      const T* a_row = A + (int64_t)c * K + k0;
-      for (int t0 = 0; t0 < T_; t0 += kRowsPerPass) {
-        float acc[kRowsPerPass] = {};
-        int kk = 0;
-        for (; kk + 8 <= len; kk += 8) {
-          float a[8];
-          load8<T, VEC>(a_row + kk, a);
 #pragma unroll
-          for (int tt = 0; tt < kRowsPerPass; ++tt) {
-            if (t0 + tt < T_) {
-              const float* xs = smem + (t0 + tt) * k_slice + kk;
+    for (int i = 0; i < kVec; ++i) {
+      const int cc = c + i, e = cc / r;
+      out[i] = cc < C ? to_float(B[(static_cast<int64_t>(e) * N + n) * r + (cc - e * r)]) : 0.f;
+    }
+  }
+};
+
+// epi(row, t, sum_k X[t, k] rows(row)[k]) for rows [row0, row1) and tokens [0, T_); X [T_, len] row-major.
+// X is staged in shared memory `chunk` columns (a multiple of 8) and up to kTok tokens at a time; smem holds
+// min(T_, kTok) * chunk elements, and kDecodeReduceBytes for the lane reduction (the same bytes, reused).
+// Control flow depends only on the block's row range, so every thread reaches every barrier.
+template <typename T, typename Rows, typename Epi>
+__device__ void rows_dot_tokens(const Rows& rows, const T* __restrict__ X, int len, bool vec_x, int T_, int row0,
+                                int row1, int chunk, unsigned char* smem, Epi epi) {
+  T* xs = reinterpret_cast<T*>(smem);
+  float* red = reinterpret_cast<float*>(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int g0 = row0; g0 < row1; g0 += kGroupRows) {
+    for (int t0 = 0; t0 < T_; t0 += kTok) {
+      const int tp = min(kTok, T_ - t0);
+      float acc[kRowsPerWarp][kTok];
 #pragma unroll
-              for (int i = 0; i < 8; ++i) acc[tt] += xs[i] * a[i];
-            }
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+        for (int tt = 0; tt < kTok; ++tt) acc[i][tt] = 0.f;
+      }
+      for (int k0 = 0; k0 < len; k0 += chunk) {
+        const int kc = min(chunk, len - k0);
+        __syncthreads();  // every warp is done with the previous chunk (or the previous pass's reduction)
+        for (int i = threadIdx.x * kVec; i < tp * chunk; i += kThreads * kVec) {
+          const int tt = i / chunk, kk = i - tt * chunk;  // chunk % 8 == 0: the 8 elements share a token
+          const T* src = X + static_cast<int64_t>(t0 + tt) * len + k0;
+          if (vec_x && kk + kVec <= kc) {
+            *reinterpret_cast<uint4*>(xs + i) = *reinterpret_cast<const uint4*>(src + kk);
+          } else {
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) xs[i + j] = kk + j < kc ? src[kk + j] : from_float<T>(0.f);
           }
         }
-        for (; kk < len; ++kk) {
-          const float a = to_float(a_row[kk]);
+        __syncthreads();
+#pragma unroll 2
+        for (int kk = lane * kVec; kk < kc; kk += kWarpStep) {
+          float w[kRowsPerWarp][kVec];
 #pragma unroll
-          for (int tt = 0; tt < kRowsPerPass; ++tt)
-            if (t0 + tt < T_) acc[tt] += smem[(t0 + tt) * k_slice + kk] * a;
-        }
+          for (int i = 0; i < kRowsPerWarp; ++i) {
+            const int row = g0 + warp * kRowsPerWarp + i;
+            if (row < row1) {
+              rows.load(row, k0 + kk, w[i]);
+            } else {
 #pragma unroll
-        for (int tt = 0; tt < kRowsPerPass; ++tt)
-          if (t0 + tt < T_) partial[((int64_t)s * T_ + t0 + tt) * C + c] = acc[tt];
-      }
-    }
-    __syncthreads();
-  }
-  grid.sync();
-
-  // Phase 2: H = sum of partials in slice order (deterministic), Hg = H * s_e * g.
-  const int64_t tid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const int64_t nthreads = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = tid; i < (int64_t)T_ * C; i += nthreads) {
-    const int t = static_cast<int>(i / C), c = static_cast<int>(i - (int64_t)t * C);
-    float sum = 0.f;
-    for (int s = 0; s < num_slices; ++s) sum += partial[(int64_t)s * T_ * C + i];
-    H[i] = from_float<T>(sum);
-    const int e = c / r;
-    Hg[i] = to_float(H[i]) * (gates[(t / seq_len) * E + e] * scaling[e]);  // torch's order: H * (g * s)
-  }
-  grid.sync();
-
-  // Phase 3: y[t, n] += sum_c Hg[t, c] B[e, n, j]; Hg rows staged in shared memory, rows_per_tile at a time.
-  const bool vec_b = VEC && (r % 8 == 0);
-  for (int n0 = blockIdx.x * blockDim.x; n0 < N; n0 += gridDim.x * blockDim.x) {
-    const int n = n0 + threadIdx.x;
-    for (int t_tile = 0; t_tile < T_; t_tile += rows_per_tile) {
-      const int rows = min(rows_per_tile, T_ - t_tile);
-      __syncthreads();
-      for (int i = threadIdx.x; i < rows * C; i += blockDim.x) smem[i] = Hg[(int64_t)t_tile * C + i];
-      __syncthreads();
-      if (n < N) {
-        for (int t0 = 0; t0 < rows; t0 += kRowsPerPass) {
-          float acc[kRowsPerPass] = {};
-          for (int e = 0; e < E; ++e) {
-            const T* b_row = B + ((int64_t)e * N + n) * r;
-            int j = 0;
-            if (vec_b) {
-              for (; j + 8 <= r; j += 8) {
-                float b[8];
-                load8<T, true>(b_row + j, b);
+              for (int j = 0; j < kVec; ++j) w[i][j] = 0.f;
+            }
+          }
 #pragma unroll
-                for (int tt = 0; tt < kRowsPerPass; ++tt) {
-                  if (t0 + tt < rows) {
-                    const float* hg = smem + (t0 + tt) * C + e * r + j;
+          for (int tt = 0; tt < kTok; ++tt) {
+            if (tt < tp) {
+              float xv[kVec];
+              load8<T, true>(xs + tt * chunk + kk, xv);
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[tt] += hg[i] * b[i];
-                  }
-                }
+              for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+                for (int j = 0; j < kVec; ++j) acc[i][tt] += w[i][j] * xv[j];
               }
             }
-            for (; j < r; ++j) {
-              const float b = to_float(b_row[j]);
-#pragma unroll
-              for (int tt = 0; tt < kRowsPerPass; ++tt)
-                if (t0 + tt < rows) acc[tt] += smem[(t0 + tt) * C + e * r + j] * b;
-            }
-          }
-#pragma unroll
-          for (int tt = 0; tt < kRowsPerPass; ++tt) {
-            if (t0 + tt < rows) {
-              T* out = y + (int64_t)(t_tile + t0 + tt) * N + n;
-              *out = from_float<T>(to_float(*out) + acc[tt]);
-            }
           }
         }
+      }
+      __syncthreads();  // xs is read by every warp: only now may the reduction overwrite it
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+        for (int tt = 0; tt < kTok; ++tt) {
+          if (tt < tp) red[((warp * kRowsPerWarp + i) * kTok + tt) * kRedStride + lane] = acc[i][tt];
+        }
+      }
+      __syncthreads();
+      for (int o = threadIdx.x; o < kGroupRows * tp; o += kThreads) {
+        const int rl = o / tp, tt = o - rl * tp;
+        const float* p = red + (rl * kTok + tt) * kRedStride;
+        float sum = 0.f;
+        for (int l = 0; l < 32; ++l) sum += p[l];  // lane order: deterministic
+        if (g0 + rl < row1) epi(g0 + rl, t0 + tt, sum);
       }
     }
   }
 }
 
-// Resident blocks per SM of one kernel instantiation at a dynamic shared-memory size, and the largest size its
-// attribute was raised to: asked of the driver once per (device, size), not on every decode step.
+// Rows [begin, end) of `rows` that block b of `blocks` takes: an even cut (sizes differ by at most one).
+__device__ __forceinline__ void even_cut(int rows, int b, int blocks, int* begin, int* end) {
+  *begin = static_cast<int>(static_cast<int64_t>(rows) * b / blocks);
+  *end = static_cast<int>(static_cast<int64_t>(rows) * (b + 1) / blocks);
+}
+
+// (kThreads, 2): two blocks per SM (the cooperative grid is sized from the occupancy), up to 128 registers.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2)
+    lora_decode_kernel(const T* __restrict__ x,            // [T, K]
+                       const T* __restrict__ W,            // [N, K], or null: y holds the base output
+                       const T* __restrict__ bias,         // [N] or null (with W only)
+                       const T* __restrict__ A,            // [C, K]
+                       const T* __restrict__ B,            // [E, N, r]
+                       const float* __restrict__ gates,    // [T / seq_len, E]
+                       const float* __restrict__ scaling,  // [E]
+                       T* __restrict__ y,                  // [T, N]: written (W given) or accumulated in place
+                       T* __restrict__ H,                  // [T, C] out
+                       T* __restrict__ Hg,                 // [T, C] scratch
+                       int T_, int K, int N, int E, int r, int seq_len, int k_chunk, int c_chunk, bool vec) {
+  PFK_DYNAMIC_SMEM(unsigned char, smem);
+  cg::grid_group grid = cg::this_grid();
+  const int C = E * r;
+  const int NW = W != nullptr ? N : 0;
+  int begin = 0, end = 0;
+
+  // Phase 1: base columns (y = x W^T + b) and the shrink (H, Hg), one pass over the stacked rows.
+  even_cut(NW + C, blockIdx.x, gridDim.x, &begin, &end);
+  rows_dot_tokens(StackedRows<T>{W, A, NW, K, vec}, x, K, vec, T_, begin, end, k_chunk, smem,
+                  [&](int row, int t, float sum) {
+                    if (row < NW) {
+                      const float b = bias != nullptr ? to_float(bias[row]) : 0.f;
+                      y[static_cast<int64_t>(t) * N + row] = from_float<T>(sum + b);
+                    } else {
+                      const int c = row - NW, e = c / r;
+                      const T h = from_float<T>(sum);
+                      H[static_cast<int64_t>(t) * C + c] = h;
+                      // torch's order: H * (g * s), rounded to the dtype
+                      Hg[static_cast<int64_t>(t) * C + c] =
+                          from_float<T>(to_float(h) * (gates[(t / seq_len) * E + e] * scaling[e]));
+                    }
+                  });
+  grid.sync();
+
+  // Phase 2: y[:, n] += Hg B_cat[n, :]^T for the block's columns.
+  even_cut(N, blockIdx.x, gridDim.x, &begin, &end);
+  rows_dot_tokens(ExpertColumns<T>{B, N, r, C, vec && r % kVec == 0}, Hg, C, vec && C % kVec == 0, T_, begin, end,
+                  c_chunk, smem, [&](int n, int t, float sum) {
+                    T* out = y + static_cast<int64_t>(t) * N + n;
+                    *out = from_float<T>(to_float(*out) + sum);
+                  });
+}
+
+// Resident blocks per SM of one kernel instantiation at a dynamic shared-memory size: asked of the driver once per
+// (device, size), not on every decode step.
 struct OccupancyCache {
   std::mutex mu;
   std::vector<std::pair<std::pair<int, size_t>, int>> per_sm;  // ((device, smem), blocks per SM)
-  std::vector<std::pair<int, size_t>> smem_set;                // (device, largest smem attribute set)
 };
 
 template <typename Kernel>
@@ -173,17 +240,6 @@ cudaError_t blocks_per_sm(Kernel kernel, OccupancyCache& cache, size_t smem, int
       return cudaSuccess;
     }
   }
-  if (smem > 48 * 1024) {
-    size_t done = 0;
-    for (const auto& e : cache.smem_set) {
-      if (e.first == device) done = e.second;
-    }
-    if (smem > done) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (err != cudaSuccess) return err;
-      cache.smem_set.emplace_back(device, smem);
-    }
-  }
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
@@ -192,41 +248,45 @@ cudaError_t blocks_per_sm(Kernel kernel, OccupancyCache& cache, size_t smem, int
   return cudaSuccess;
 }
 
-template <typename T, bool VEC>
+template <typename T>
 cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = lora_decode_kernel<T, VEC>;
+  auto kernel = lora_decode_kernel<T>;
   static OccupancyCache cache;  // one per instantiation
-  const size_t smem = a.smem_bytes;
   int per_sm = 0;
-  cudaError_t err = blocks_per_sm(kernel, cache, smem, &per_sm);
+  cudaError_t err = blocks_per_sm(kernel, cache, a.smem_bytes, &per_sm);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int num_slices = (a.K + a.k_slice - 1) / a.k_slice;
-  int want = num_slices;
-  want = want > (a.N + kThreads - 1) / kThreads ? want : (a.N + kThreads - 1) / kThreads;
-  const int grid = want < per_sm * a.num_sms ? want : per_sm * a.num_sms;  // every block co-resident
-  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), smem, stream, a.x, a.A, a.B, a.gates, a.scaling, a.y,
-                            a.H, a.partial, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_slice, a.rows_per_tile);
+  const int grid = decode_grid(a.W != nullptr, a.N, a.E * a.r, per_sm * a.num_sms);
+  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), a.smem_bytes, stream, a.x, a.W, a.bias, a.A, a.B,
+                            a.gates, a.scaling, a.y, a.H, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_chunk,
+                            a.c_chunk, a.vectorized);
 }
 
 }  // namespace
 
-DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r, int num_sms) {
-  auto round_down8 = [](int64_t v) { return v < 8 ? int64_t{8} : v - v % 8; };
-  const int64_t C = E * r;
+DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r) {
+  const int64_t tok = std::min<int64_t>(T, kDecodeTokensPerPass);
+  // columns staged per chunk: the stage is at most kDecodeStageBytes, a multiple of 256 (one warp step), no more
+  // than the row length needs
+  auto chunk = [&](int64_t len) {
+    const int64_t fit = std::max<int64_t>(256, kDecodeStageBytes / (2 * tok) / 256 * 256);
+    return static_cast<int>(std::min<int64_t>(fit, (len + 255) / 256 * 256));
+  };
   DecodePlan p{};
-  p.k_slice = static_cast<int>(round_down8(std::min<int64_t>((K + num_sms - 1) / num_sms + 7, 8192 / T)));
-  p.rows_per_tile = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(T, kDecodeMaxWidth / C)));
-  p.smem_bytes = 4 * static_cast<size_t>(std::max<int64_t>(T * p.k_slice, p.rows_per_tile * C));
-  p.num_slices = static_cast<int>((K + p.k_slice - 1) / p.k_slice);
+  p.k_chunk = chunk(K);
+  p.c_chunk = chunk(E * r);
+  p.smem_bytes = std::max<size_t>(kDecodeReduceBytes, 2 * static_cast<size_t>(tok * std::max(p.k_chunk, p.c_chunk)));
   return p;
 }
 
+int decode_grid(bool with_base, int64_t N, int64_t C, int max_blocks) {
+  const int64_t rows = std::max<int64_t>((with_base ? N : 0) + C, N);
+  const int64_t want = std::max<int64_t>(1, (rows + kDecodeGroupRows - 1) / kDecodeGroupRows);
+  return static_cast<int>(std::min<int64_t>(want, max_blocks));
+}
+
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
-  return dispatch_16bit(args.dtype, [&](auto t) {
-    using T = decltype(t);
-    return args.vectorized ? launch_impl<T, true>(args, stream) : launch_impl<T, false>(args, stream);
-  });
+  return dispatch_16bit(args.dtype, [&](auto t) { return launch_impl<decltype(t)>(args, stream); });
 }
 
 }  // namespace personafuse

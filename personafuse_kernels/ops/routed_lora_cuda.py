@@ -2,8 +2,9 @@
 
 Same math and signatures as ops/routed_lora_torch.py, whose forward/backward flow it reuses with its own
 kernels swapped in (CudaGateOps):
-  - decode-sized forwards (T <= 64, fp16/bf16, no dropout): the whole LoRA branch in one cooperative launch on
-    top of the cuBLAS base output (csrc/lora/decode_kernel.cu);
+  - decode-sized forwards (T <= 64, fp16/bf16, no dropout): one cooperative launch (csrc/lora/decode_kernel.cu);
+    up to 8 tokens it is the whole layer, streaming W once with the adapters in the same pass; beyond that, and
+    into a base output computed elsewhere (routed_lora_delta), it adds the LoRA term to cuBLAS's base output;
   - otherwise, fp16/bf16 with r <= 128 on sm_80+: the two narrow GEMMs on tensor cores with the gate fused into their
     epilogues, shrink (dropout on load) -> (H, Hg) and dHg -> (dH, dgates) (csrc/lora/shrink_kernel.cu,
     dhg_kernel.cu); the wide GEMMs (base, expand accumulated into the base output, dA, dB, dx) in cuBLAS;
@@ -95,8 +96,23 @@ def use_decode_kernel(x, lora_A, dropout_p: float) -> bool:
             and x.dtype in (torch.float16, torch.bfloat16))
 
 
+# The decode kernel computes the base x W^T itself only up to this many tokens. Its dot products run on CUDA cores
+# in fp32: 2 T K (N + E r) FLOPs, 35 MFLOP per token at 4096 x 4096, E r = 160. At T = 8 that is 0.28 GFLOP, about
+# 8 us at half of an H100/H200's 67 TFLOP/s of fp32 FMA, as long as streaming W (33.5 MB, about 9 us at 3.8 TB/s);
+# beyond it the kernel would be compute-bound while cuBLAS's tensor-core GEMV stays bandwidth-bound, so for
+# 8 < T <= 64 cuBLAS computes the base and the same kernel adds the LoRA term (an estimate: no GPU has timed it).
+DECODE_FUSED_BASE_MAX_TOKENS = 8
+
+
 def forward(x, weight, bias, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p: float):
     """Returns (y [T, N], H [T, E*r]); same contract as routed_lora_torch.forward."""
+    if (use_decode_kernel(x, lora_A, dropout_p) and x.shape[0] <= DECODE_FUSED_BASE_MAX_TOKENS
+            and weight.dtype == x.dtype and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))):
+        g, rows = _kernel_layout(gates, seq_len)  # one launch: base, shrink, gate and expand
+        return kernel_ops().lora_decode_linear(x.contiguous(), weight, bias, lora_A.contiguous(),
+                                               lora_B.contiguous(), g.float().contiguous(),
+                                               scaling.float().contiguous(), rows)
     y = torch.nn.functional.linear(x, weight, bias)  # cuBLAS base; the LoRA branch is added in place
     return y, delta_forward(y, x, lora_A, lora_B, gates, scaling, seed, seq_len, dropout_p)
 

@@ -56,30 +56,31 @@ int pfk_emu_gate_backward(int dtype, const void* dHg, const void* H, const float
                               nullptr);
 }
 
-// out: k_slice, rows_per_tile, smem_bytes, num_slices
-void pfk_emu_decode_plan(int64_t T, int64_t K, int64_t E, int64_t r, int num_sms, int64_t* out) {
-  const DecodePlan p = plan_lora_decode(T, K, E, r, num_sms);
-  out[0] = p.k_slice;
-  out[1] = p.rows_per_tile;
+// out: k_chunk, c_chunk, smem_bytes
+void pfk_emu_decode_plan(int64_t T, int64_t K, int64_t E, int64_t r, int64_t* out) {
+  const DecodePlan p = plan_lora_decode(T, K, E, r);
+  out[0] = p.k_chunk;
+  out[1] = p.c_chunk;
   out[2] = static_cast<int64_t>(p.smem_bytes);
-  out[3] = p.num_slices;
 }
 
-int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* A, const void* B, const float* gates,
-                        const float* scaling, void* y, void* H, float* partial, float* Hg, int T, int K, int N, int E,
-                        int r, int seq_len, int num_sms) {
-  const DecodePlan p = plan_lora_decode(T, K, E, r, num_sms);
+// W and bias may be null (y then holds the base output and the LoRA term is added to it).
+int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W, const void* bias, const void* A,
+                        const void* B, const float* gates, const float* scaling, void* y, void* H, void* Hg, int T,
+                        int K, int N, int E, int r, int seq_len, int num_sms) {
+  const DecodePlan p = plan_lora_decode(T, K, E, r);
   DecodeArgs a{};
   a.dtype = static_cast<DType>(dtype);
   a.vectorized = vectorized != 0;
   a.x = x;
+  a.W = W;
+  a.bias = bias;
   a.A = A;
   a.B = B;
   a.gates = gates;
   a.scaling = scaling;
   a.y = y;
   a.H = H;
-  a.partial = partial;
   a.Hg = Hg;
   a.T = T;
   a.K = K;
@@ -87,8 +88,8 @@ int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* A,
   a.E = E;
   a.r = r;
   a.seq_len = seq_len;
-  a.k_slice = p.k_slice;
-  a.rows_per_tile = p.rows_per_tile;
+  a.k_chunk = p.k_chunk;
+  a.c_chunk = p.c_chunk;
   a.smem_bytes = p.smem_bytes;
   a.num_sms = num_sms;
   return launch_lora_decode(a, nullptr);
