@@ -137,35 +137,40 @@ __device__ __forceinline__ void finish_chunk(T* p, int row, int64_t grow, int64_
   for (int i = 0; i < 8; ++i) p[i] = from_float<T>(v[i]);
 }
 
+// fn(row, col) for every 8-element chunk of a [rows, WIDTH] shared-memory tile: thread i takes chunks i,
+// i + THREADS, ... The load_* and finish_* functions below walk a tile with it, so the thread that issued a
+// chunk's copy is the one that finishes it after its own wait.
+template <int WIDTH, int THREADS, typename Fn>
+__device__ __forceinline__ void for_each_chunk(int rows, Fn fn) {
+  constexpr int kChunksPerRow = WIDTH / 8;
+  for (int chunk = threadIdx.x; chunk < rows * kChunksPerRow; chunk += THREADS) {
+    const int row = chunk / kChunksPerRow;
+    fn(row, (chunk - row * kChunksPerRow) * 8);
+  }
+}
+
 // dst[row][kk] = src[rows(row), k0 + kk] for row < dst_rows, kk < BK (zero outside): rows of a row-major [*, Kd]
 // matrix with the reduction dimension contiguous (an A row_major or B col_major tile). vec: 16-byte copies
-// (Kd % 8 == 0, src 16-byte aligned). Thread i stages chunks i, i + THREADS, ... of 8 elements; finish_k_tile
-// walks the same chunks.
+// (Kd % 8 == 0, src 16-byte aligned).
 template <typename T, int BK, int LD, int THREADS, typename Rows>
 __device__ __forceinline__ void load_k_tile(const T* __restrict__ src, Rows rows, int dst_rows, int64_t Kd, int64_t k0,
                                             T* dst, bool vec) {
-  constexpr int kChunksPerRow = BK / 8;
-  for (int chunk = threadIdx.x; chunk < dst_rows * kChunksPerRow; chunk += THREADS) {
-    const int row = chunk / kChunksPerRow;
-    const int kc = (chunk - row * kChunksPerRow) * 8;
+  for_each_chunk<BK, THREADS>(dst_rows, [&](int row, int kc) {
     const int64_t k = k0 + kc;
     const int64_t grow = rows(row);
     const int n = grow < 0 || k >= Kd ? 0 : static_cast<int>(Kd - k < 8 ? Kd - k : 8);
     stage_chunk(dst + row * LD + kc, n > 0 ? src + grow * Kd + k : src, n, vec);
-  }
+  });
 }
 
 template <typename T, int BK, int LD, int THREADS, typename Rows>
 __device__ __forceinline__ void finish_k_tile(Rows rows, int dst_rows, int64_t Kd, int64_t k0, T* dst,
                                               const LoadOps& ops) {
   if (!ops.any()) return;
-  constexpr int kChunksPerRow = BK / 8;
-  for (int chunk = threadIdx.x; chunk < dst_rows * kChunksPerRow; chunk += THREADS) {
-    const int row = chunk / kChunksPerRow;
-    const int kc = (chunk - row * kChunksPerRow) * 8;
+  for_each_chunk<BK, THREADS>(dst_rows, [&](int row, int kc) {
     const int64_t grow = rows(row);
     if (grow >= 0) finish_chunk<T>(dst + row * LD + kc, row, grow, Kd, k0 + kc, ops);
-  }
+  });
 }
 
 // dst[kk][c] = src[rows(kk) * ld + c0 + c] for kk < BK, c < WIDTH (zero for c >= cols): BK rows (the reduction
@@ -174,26 +179,20 @@ __device__ __forceinline__ void finish_k_tile(Rows rows, int dst_rows, int64_t K
 template <typename T, int BK, int WIDTH, int LD, int THREADS, typename Rows>
 __device__ __forceinline__ void load_c_tile(const T* __restrict__ src, Rows rows, int64_t ld, int64_t c0, int cols,
                                             T* dst, bool vec) {
-  constexpr int kChunksPerRow = WIDTH / 8;
-  for (int chunk = threadIdx.x; chunk < BK * kChunksPerRow; chunk += THREADS) {
-    const int kk = chunk / kChunksPerRow;
-    const int c = (chunk - kk * kChunksPerRow) * 8;
+  for_each_chunk<WIDTH, THREADS>(BK, [&](int kk, int c) {
     const int64_t grow = rows(kk);
     const int n = grow < 0 || c >= cols ? 0 : (cols - c < 8 ? cols - c : 8);
     stage_chunk(dst + kk * LD + c, n > 0 ? src + grow * ld + c0 + c : src, n, vec);
-  }
+  });
 }
 
 template <typename T, int BK, int WIDTH, int LD, int THREADS, typename Rows>
 __device__ __forceinline__ void finish_c_tile(Rows rows, int64_t ld, int64_t c0, T* dst, const LoadOps& ops) {
   if (!ops.any()) return;
-  constexpr int kChunksPerRow = WIDTH / 8;
-  for (int chunk = threadIdx.x; chunk < BK * kChunksPerRow; chunk += THREADS) {
-    const int kk = chunk / kChunksPerRow;
-    const int c = (chunk - kk * kChunksPerRow) * 8;
+  for_each_chunk<WIDTH, THREADS>(BK, [&](int kk, int c) {
     const int64_t grow = rows(kk);
     if (grow >= 0) finish_chunk<T>(dst + kk * LD + c, kk, grow, ld, c0 + c, ops);
-  }
+  });
 }
 
 // One stage of the main loop's pipeline: columns [k0, k0 + BK) of the reduction dimension, staged in As and Bs.
