@@ -129,7 +129,17 @@ def jit_build(verbose: bool = False, need_gpu: bool = True):
 
 @functools.lru_cache(maxsize=None)
 def load_extension():
-    """Return (module or None, error message or None). Tries the installed _C, then the JIT build."""
+    """Return (module or None, error message or None). Tries the installed _C, then the JIT build. Either way the
+    ops' fake implementations (ops/cuda_fakes.py) are registered beside them."""
+    module, error = _load_module()
+    if module is not None:
+        from .ops.cuda_fakes import register
+
+        register("personafuse")
+    return module, error
+
+
+def _load_module():
     try:
         from . import _C  # noqa: F401  (registers torch.ops.personafuse.*)
     except ImportError as exc:

@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     x = sub.add_parser("explain", help="the kernels one call launches on a card, their cost, the predicted ratio")
     x.add_argument("--shape", default=None, help="T,K,N,E,r[,k] (k: top-k gates)")
-    x.add_argument("--backend", default="triton", choices=["triton", "torch", "base", "stacked", "loop", "probe"])
+    x.add_argument("--backend", default="triton",
+                   choices=["triton", "cuda", "torch", "base", "stacked", "loop", "probe"],
+                   help="cuda needs the extension built, not a GPU")
     x.add_argument("--mode", default="fwd", choices=["fwd", "bwd", "fwdbwd"])
     x.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     x.add_argument("--card", default="H200", help="H100-SXM, H200 or A100-SXM-80GB")

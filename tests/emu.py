@@ -23,13 +23,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 KERNEL_SOURCES = sorted((ROOT / "csrc").rglob("*.cu"))
+LAUNCH_LOG_SOURCE = EMU / "launch_log.cpp"
 HEADERS = (sorted(p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".h", ".cuh"))
            + sorted((EMU / "include").glob("*")))
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/include/pfk_common.h DType
 SANITIZE = os.environ.get("PFK_EMU_SANITIZE") == "1"
 
 _LIB = None
-_OPS_LOADED = False
+_OPS_LIBRARY: Path | None = None
 
 
 def compiler() -> str | None:
@@ -62,7 +63,7 @@ def _build(entry: Path, name: str, extra: list[str] = (), link: list[str] = ()) 
         headers.update(p.read_bytes())
     out_dir = ROOT / ".pytest_cache" / "cuda_emu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    units = [(src, flags) for src in KERNEL_SOURCES] + [(entry, flags + list(extra))]
+    units = [(src, flags) for src in [*KERNEL_SOURCES, LAUNCH_LOG_SOURCE]] + [(entry, flags + list(extra))]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objects = list(pool.map(lambda u: _compile(u[0], u[1], out_dir, headers.digest()), units))
     digest = hashlib.sha256(" ".join(str(o.name) for o in objects).encode() + " ".join(flags + list(link)).encode())
@@ -80,20 +81,36 @@ def _build(entry: Path, name: str, extra: list[str] = (), link: list[str] = ()) 
 def load_ops() -> object:
     """csrc/personafuse_ops.cpp itself (checks, allocation, launches) built against the emulator and registered
     as torch.ops.personafuse_emu for CPU tensors: the cuda backend's Python code runs on it in tests."""
-    global _OPS_LOADED
-    if not _OPS_LOADED:
+    global _OPS_LIBRARY
+    if _OPS_LIBRARY is None:
         import sysconfig
 
         from torch.utils import cpp_extension
+
+        from personafuse_kernels.ops.cuda_fakes import register
 
         includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         torch_lib = Path(torch.__file__).parent / "lib"
         link = [f"-L{torch_lib}", f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"]
-        torch.ops.load_library(str(_build(ROOT / "csrc" / "personafuse_ops.cpp", "pfk_emu_ops", [*includes, abi],
-                                          link)))
-        _OPS_LOADED = True
+        path = _build(ROOT / "csrc" / "personafuse_ops.cpp", "pfk_emu_ops", [*includes, abi], link)
+        torch.ops.load_library(str(path))
+        register("personafuse_emu")  # the fake implementations, as the real extension gets them
+        _OPS_LIBRARY = path
     return torch.ops.personafuse_emu
+
+
+def take_launch_log() -> list[tuple[int, int, int, bool]]:
+    """The kernel launches the emulated ops made since the last call, in order: (blocks, threads, dynamic shared
+    memory bytes, cooperative)."""
+    load_ops()
+    fn = ctypes.CDLL(str(_OPS_LIBRARY)).pfk_emu_take_launch_log
+    fn.restype = ctypes.c_int64
+    capacity = 256
+    buf = (ctypes.c_int64 * (4 * capacity))()
+    n = fn(buf, ctypes.c_int64(capacity))
+    assert n <= capacity, f"{n} launches since the last read; the log keeps the first {capacity}"
+    return [(buf[4 * i], buf[4 * i + 1], buf[4 * i + 2], bool(buf[4 * i + 3])) for i in range(n)]
 
 
 def lib() -> ctypes.CDLL:

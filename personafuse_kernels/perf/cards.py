@@ -15,6 +15,7 @@ class Card:
     arch: str  # the compile target of its kernels
     sms: int
     bf16_tflops: float  # dense tensor-core peak, TFLOP/s (fp16 the same)
+    fp32_tflops: float  # CUDA-core fp32 FMA peak, TFLOP/s (not tensor cores)
     hbm_tbps: float  # TB/s
     l2_mib: int
     smem_per_sm_kib: int
@@ -22,17 +23,17 @@ class Card:
 
 
 CARDS = {
-    "H100-SXM": Card("H100-SXM", "NVIDIA H100 80GB HBM3", "sm_90a", 132, 989.0, 3.35, 50, 228,
-                     "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense, 3.35 TB/s; 132 SMs "
-                     "and 50 MB L2 from the Hopper architecture whitepaper; 228 KB shared memory per SM from the "
-                     "CUDA C Programming Guide (compute capability 9.0)"),
-    "H200": Card("H200", "NVIDIA H200", "sm_90a", 132, 989.0, 4.8, 50, 228,
-                 "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 4.8 TB/s HBM3e; same GH100 "
-                 "die as the H100 SXM (132 SMs, 50 MB L2, 228 KB shared memory per SM)"),
-    "A100-SXM-80GB": Card("A100-SXM-80GB", "NVIDIA A100-SXM4-80GB", "sm_80", 108, 312.0, 2.039, 40, 164,
-                          "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80 GB): 312 TFLOP/s bf16 dense, 2,039 GB/s; "
-                          "108 SMs and 40 MB L2 from the Ampere architecture whitepaper; 164 KB shared memory per "
-                          "SM from the CUDA C Programming Guide (compute capability 8.0)"),
+    "H100-SXM": Card("H100-SXM", "NVIDIA H100 80GB HBM3", "sm_90a", 132, 989.0, 67.0, 3.35, 50, 228,
+                     "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, "
+                     "3.35 TB/s; 132 SMs and 50 MB L2 from the Hopper architecture whitepaper; 228 KB shared memory "
+                     "per SM from the CUDA C Programming Guide (compute capability 9.0)"),
+    "H200": Card("H200", "NVIDIA H200", "sm_90a", 132, 989.0, 67.0, 4.8, 50, 228,
+                 "NVIDIA H200 Tensor Core GPU datasheet (SXM): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, 4.8 TB/s "
+                 "HBM3e; same GH100 die as the H100 SXM (132 SMs, 50 MB L2, 228 KB shared memory per SM)"),
+    "A100-SXM-80GB": Card("A100-SXM-80GB", "NVIDIA A100-SXM4-80GB", "sm_80", 108, 312.0, 19.5, 2.039, 40, 164,
+                          "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80 GB): 312 TFLOP/s bf16 dense, 19.5 TFLOP/s "
+                          "fp32, 2,039 GB/s; 108 SMs and 40 MB L2 from the Ampere architecture whitepaper; 164 KB "
+                          "shared memory per SM from the CUDA C Programming Guide (compute capability 8.0)"),
 }
 
 

@@ -58,14 +58,31 @@ ASSUMPTIONS = {
     "host_backward_node_ms": 0.042,
     # One Triton launch from Python (argument binding, the cache lookup): about the cost of an eager aten op.
     "host_triton_ms": 0.024,
+    # The CUDA extension's kernels. No measured row fixes these yet (no GPU has run them), so they borrow the
+    # figures above rather than take new ones: the tensor-core tile kernels (shrink, dHg, the grouped top-k
+    # kernels) are held to the skinny cuBLAS GEMMs' compute share and the Triton small kernels' bandwidth share;
+    # the decode kernel streams its weights at what cuBLAS's GEMV reaches on the same stream (the base at
+    # T <= 64 is a cublas_skinny GEMM), never better.
+    "cuda_mma_compute_eff": 0.35,
+    "cuda_mma_memory_eff": 0.70,
+    "cuda_decode_memory_eff": 0.55,
+    # The decode kernel's dot products are fp32 FMAs on CUDA cores: half of the card's fp32 peak (lane sums,
+    # shared-memory staging and the bf16 -> fp32 converts take the other issue slots). An estimate.
+    "cuda_core_fp32_eff": 0.50,
+    # Its one grid-wide barrier (cooperative launch, grid.sync()): a few microseconds on Hopper-class cards in
+    # published microbenchmarks; an estimate until a GPU times it.
+    "grid_sync_ms": 0.002,
 }
+
+# Kinds whose efficiency no measured row has fixed: an explanation whose GPU time is mostly theirs says so.
+UNMEASURED_KINDS = ("cuda_mma", "cuda_decode")
 
 
 @dataclass
 class Cost:
     flops: float
     bytes: float
-    kind: str  # cublas, cublas_skinny, stream, triton_tma, triton_pointer, triton_small
+    kind: str  # cublas, cublas_skinny, stream, triton_tma, triton_pointer, triton_small, cuda_mma, cuda_decode
     waves: float = 1.0  # wave efficiency (<= 1) of the big GEMMs
 
 
@@ -204,7 +221,12 @@ def launch_time_ms(cost: Cost, card: Card, dtype_bytes: int = 2) -> float:
         "triton_tma": (A["triton_tma_compute_eff"], A["triton_memory_eff"], A["triton_tma_fixed_ms"]),
         "triton_pointer": (A["triton_pointer_compute_eff"], A["triton_memory_eff"], 0.0),
         "triton_small": (A["cublas_skinny_compute_eff"], A["triton_memory_eff"], 0.0),
+        "cuda_mma": (A["cuda_mma_compute_eff"], A["cuda_mma_memory_eff"], 0.0),
+        "cuda_decode": (1.0, 1.0, 0.0),  # set below
     }[cost.kind]
+    if cost.kind == "cuda_decode":  # CUDA-core fp32 FMAs, one grid barrier
+        peak, compute_eff, memory_eff, fixed = card.fp32_tflops * 1e12, A["cuda_core_fp32_eff"], \
+            A["cuda_decode_memory_eff"], A["grid_sync_ms"]
     t = max(cost.flops / (peak * compute_eff), cost.bytes / (bw * memory_eff)) * 1e3
     return t / max(cost.waves, 1e-9) + fixed + A["gap_ms"]
 

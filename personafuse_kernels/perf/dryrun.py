@@ -6,7 +6,9 @@ Two recorders, one list:
   constexprs, and launches nothing (or, with passthrough=True, then launches the real kernel: the tests' real runs
   in Triton's interpreter go through the same recorder);
 - torch: a TorchDispatchMode notes every aten op that runs a kernel (GEMMs, copies, elementwise, reductions,
-  fills) and skips the ones that only make views or allocate.
+  fills) and skips the ones that only make views or allocate. It notes the CUDA extension's ops too (source
+  "cuda", arguments bound by their schema names): on meta tensors they run their fake implementations
+  (ops/cuda_fakes.py), and perf/cuda_launches.py expands each into the kernels its C++ launcher starts.
 The launchers see the simulated card (ops.launch_configs.simulate_card), so they pick that card's production
 configs, grids and splits, whatever device the tensors are on.
 """
@@ -24,9 +26,10 @@ from .cards import Card
 
 @dataclass
 class Launch:
-    """One kernel launch. source: "triton" or "aten"; name: the kernel (or aten op); grid: Triton's grid (programs
-    per axis), () for aten; args: argument name -> value (tensors as meta or real tensors); options: num_warps,
-    num_stages and the constexprs (Triton)."""
+    """One kernel launch. source: "triton", "aten" or "cuda" (an op of the CUDA extension, which may launch more
+    than one kernel); name: the kernel (or op); grid: Triton's grid (programs per axis), () otherwise; args:
+    argument name -> value (tensors as meta or real tensors; aten ops and extension ops add "outputs"); options:
+    num_warps, num_stages and the constexprs (Triton)."""
     source: str
     name: str
     grid: tuple = ()
@@ -82,6 +85,14 @@ class _AtenRecorder(TorchDispatchMode):
                 self._see(t)
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
+        if func.namespace.startswith("personafuse"):  # an extension op: its kernels are expanded by the cost model
+            for t in _flat([out]):
+                if isinstance(t, torch.Tensor) and self._see(t):
+                    self.launches.allocations.append(name)
+            bound = {arg.name: value for arg, value in zip(func._schema.arguments, args)}
+            outputs = [t for t in _flat([out]) if isinstance(t, torch.Tensor)]
+            self.launches.append(Launch("cuda", name, (), dict(bound, **kwargs, outputs=outputs)))
+            return out
         for t in _flat([out]):
             if isinstance(t, torch.Tensor) and self._see(t):
                 self.launches.allocations.append(name)

@@ -166,6 +166,23 @@ void run_thread(Fn& body, int linear_tid, dim3 bdim, dim3 gdim, unsigned block_i
   if (grid_bar) grid_bar->arrive_and_drop();
 }
 
+// Every launch that passed the configuration checks, in order: what tests/emu.py's launch_log() reads back through
+// tests/cuda_emu/launch_log.cpp to hold the cost model's launch geometry to the launchers' own.
+struct LaunchRecord {
+  long blocks;
+  int threads;
+  size_t smem;
+  bool cooperative;
+};
+inline std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+inline std::mutex& launch_log_mu() {
+  static std::mutex mu;
+  return mu;
+}
+
 // Launch: a normal launch runs its blocks one after another (all threads of a block at once); a cooperative
 // launch runs every block at once, as grid.sync() needs.
 template <typename... P>
@@ -179,6 +196,10 @@ cudaError_t launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, boo
       smem > kMaxSmem) {
     last_error = cudaErrorInvalidConfiguration;
     return last_error;
+  }
+  {
+    std::lock_guard<std::mutex> lock(launch_log_mu());
+    launch_log().push_back({blocks, static_cast<int>(threads), smem, cooperative});
   }
   std::tuple<P...> targs(args...);
   std::string error;
