@@ -104,12 +104,13 @@ def take_launch_log() -> list[tuple[int, int, int, bool]]:
     """The kernel launches the emulated ops made since the last call, in order: (blocks, threads, dynamic shared
     memory bytes, cooperative)."""
     load_ops()
-    fn = ctypes.CDLL(str(_OPS_LIBRARY)).pfk_emu_take_launch_log
-    fn.restype = ctypes.c_int64
-    capacity = 256
+    library = ctypes.CDLL(str(_OPS_LIBRARY))
+    library.pfk_emu_launch_log_size.restype = ctypes.c_int64
+    library.pfk_emu_take_launch_log.restype = ctypes.c_int64
+    capacity = library.pfk_emu_launch_log_size() + 64  # room for launches another thread adds meanwhile
     buf = (ctypes.c_int64 * (4 * capacity))()
-    n = fn(buf, ctypes.c_int64(capacity))
-    assert n <= capacity, f"{n} launches since the last read; the log keeps the first {capacity}"
+    n = library.pfk_emu_take_launch_log(buf, ctypes.c_int64(capacity))
+    assert n <= capacity, f"{n} launches in the log, {capacity} read"
     return [(buf[4 * i], buf[4 * i + 1], buf[4 * i + 2], bool(buf[4 * i + 3])) for i in range(n)]
 
 

@@ -3,6 +3,12 @@
 
 #include <cstdint>
 
+// Records in the log now.
+extern "C" int64_t pfk_emu_launch_log_size() {
+  std::lock_guard<std::mutex> lock(pfk_emu::launch_log_mu());
+  return static_cast<int64_t>(pfk_emu::launch_log().size());
+}
+
 // Copies up to `capacity` records as (blocks, threads, dynamic shared memory bytes, cooperative) into out
 // [capacity * 4], clears the log, and returns how many records it held.
 extern "C" int64_t pfk_emu_take_launch_log(int64_t* out, int64_t capacity) {
