@@ -167,20 +167,30 @@ at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const 
   PFK_CHECK_DTYPE(scaling, at::kFloat);
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
               " supports float16 and bfloat16, got ", x.scalar_type());
+  const char* operands = weight.defined() ? "y, weight, bias, lora_A and lora_B" : "y, lora_A and lora_B";
   for (const at::Tensor* t : all) {
     if (t == &gates || t == &scaling) continue;
-    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": y, weight, bias, lora_A and lora_B must have x's dtype ",
-                x.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", operands, " must have x's dtype ", x.scalar_type(),
+                ", got ", t->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const DecodePlan plan = plan_lora_decode(T, K, E, r);
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  // one allocation: H, then the Hg scratch, both [T, C] in x's dtype (H's size rounded up to 16 bytes)
-  const int64_t h_elems = (T * C + 7) / 8 * 8;
-  at::Tensor storage = at::empty({h_elems + T * C}, x.options());
-  at::Tensor H = storage.narrow(0, 0, T * C).view({T, C});
   DecodeArgs a{};
   a.dtype = to_dtype(x, "x");
+  int max_blocks = 0;
+  const cudaError_t occupancy = decode_max_blocks(a.dtype, plan.smem_bytes, sm_count(x.device().index()), &max_blocks);
+  TORCH_CHECK(occupancy == cudaSuccess, "personafuse ", op,
+              ": occupancy query failed: ", cudaGetErrorString(occupancy));
+  const DecodeCut cut = decode_cut(weight.defined(), T, N, K, C, max_blocks);
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  // one allocation: H and the Hg scratch, [T, C] each in x's dtype, then the slices' fp32 partial sums (each part
+  // starting on a 16-byte boundary)
+  auto round16 = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
+  const int64_t hc_bytes = T * C * x.element_size();
+  const int64_t partial_at = 2 * round16(hc_bytes);
+  at::Tensor storage =
+      at::empty({partial_at + cut.partial_count * static_cast<int64_t>(sizeof(float))}, x.options().dtype(at::kByte));
+  at::Tensor H = storage.narrow(0, 0, hc_bytes).view(x.scalar_type()).view({T, C});
   a.vectorized =
       K % 8 == 0 && aligned(x) && aligned(lora_A) && aligned(lora_B) && (!weight.defined() || aligned(weight));
   a.x = x.data_ptr();
@@ -192,7 +202,8 @@ at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const 
   a.scaling = scaling.data_ptr<float>();
   a.y = y.data_ptr();
   a.H = H.data_ptr();
-  a.Hg = static_cast<char*>(storage.data_ptr()) + h_elems * storage.element_size();
+  a.Hg = static_cast<char*>(storage.data_ptr()) + round16(hc_bytes);
+  a.partials = cut.slices > 1 ? reinterpret_cast<float*>(static_cast<char*>(storage.data_ptr()) + partial_at) : nullptr;
   a.T = static_cast<int>(T);
   a.K = static_cast<int>(K);
   a.N = static_cast<int>(N);
@@ -202,7 +213,9 @@ at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const 
   a.k_chunk = plan.k_chunk;
   a.c_chunk = plan.c_chunk;
   a.smem_bytes = plan.smem_bytes;
-  a.num_sms = sm_count(x.device().index());
+  a.grid = cut.grid;
+  a.slices = cut.slices;
+  a.slice_len = cut.slice_len;
   const cudaError_t err = launch_lora_decode(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
   return H;

@@ -297,3 +297,14 @@ def test_cuda_unequal_ranks(cuda_backend_on_cpu):
     got = _public_api_within_3x(leaves, rnd(T, N), ranks=ranks)
     for e, n in enumerate(ranks):
         assert not got[4][e, n:].any() and not got[5][e, :, n:].any()
+
+
+def test_decode_ops_name_the_operands_of_their_mode(emulated_ops):
+    """A dtype mismatch names the operands the op takes: no weight or bias in the LoRA-only mode."""
+    c = _dense_case(3, 16, 8, 2, 4, 1, torch.bfloat16)
+    y = torch.zeros(3, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"lora_decode_: y, lora_A and lora_B must have x's dtype"):
+        emulated_ops.lora_decode_(y, c["x"], c["lora_A"], c["lora_B"].half(), c["gates"], c["scaling"], 1)
+    with pytest.raises(RuntimeError, match=r"lora_decode_linear: y, weight, bias, lora_A and lora_B must have"):
+        emulated_ops.lora_decode_linear(c["x"], c["weight"].half(), None, c["lora_A"], c["lora_B"], c["gates"],
+                                        c["scaling"], 1)

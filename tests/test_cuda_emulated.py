@@ -16,6 +16,7 @@ from conftest import REL_TOL, assert_close, rel_err
 from profile_plugin import PROFILE
 
 from personafuse_kernels.ops.routed_lora_torch import TorchGateOps, _b_cat
+from personafuse_kernels.perf import cuda_launches
 
 pytestmark = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler")
 
@@ -77,7 +78,13 @@ def _decode_plan(T, K, E, r):
     (16, 200, 130, 10, 16, 8, True),
     (64, 96, 33, 64, 1, 1, True),  # 4 passes of 16 tokens
     (5, 37, 19, 2, 128, 1, False),
-    (40, 1104, 21, 1, 8, 20, True),  # x staged in 2 chunks (1024 + a tail of 80), 3 passes (16, 16, 8 tokens)
+    # fused: 20 row groups, rows cut evenly, x staged in 2 chunks (1024 + a tail of 80), 3 passes (16, 16, 8
+    # tokens); given: 1 group x 5 K slices
+    (40, 1104, 300, 1, 8, 20, True),
+    # phase 1 over (16-row group, K slice) pairs (18 blocks on the emulator's 3 SMs): given base, 8 groups x 2
+    # slices of 1536 (chunks 1024 + 512, then 1024 + 40); fused, W's and A's rows sharing a group, 4 slices of 256
+    (40, 2600, 16, 10, 12, 1, True),
+    (12, 900, 24, 2, 4, 3, False),
 ])
 def test_decode_kernel(dtype, base, T, K, N, E, r, seq_len, vectorized):
     """One launch: the base (given in y, or computed from W and b) plus the routed LoRA term."""
@@ -104,6 +111,34 @@ def test_decode_kernel(dtype, base, T, K, N, E, r, seq_len, vectorized):
     y2 = y0.clone()
     H2 = _decode(x, A, B, gates, scaling, y2, seq_len, num_sms=3, vectorized=vectorized, W=W, bias=bias)
     assert torch.equal(H, H2) and torch.equal(y, y2), "the decode kernel must be deterministic"
+
+
+def _decode_cut(with_base, T, N, K, C, max_blocks):
+    out = (emu.ctypes.c_int64 * 4)()
+    emu.lib().pfk_emu_decode_cut(emu.i32(with_base), emu.i64(T), emu.i64(N), emu.i64(K), emu.i64(C),
+                                 emu.i32(max_blocks), out)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("with_base,T,N,K,C,max_blocks,expected", [
+    (True, 1, 4096, 4096, 160, 264, (264, 1, 4096, 0)),  # 266 row groups: rows cut evenly, no partial sums
+    (False, 64, 4096, 4096, 160, 264, (256, 16, 256, 16 * 64 * 160)),  # 10 groups x 16 slices; phase 2 wants 256
+    # 26 slices would fit; whole 256-column steps make them 19 of 768 (the last 512)
+    (False, 1, 4096, 14336, 160, 264, (256, 19, 768, 19 * 160)),
+    (True, 8, 512, 4096, 160, 264, (252, 6, 768, 6 * 8 * 672)),  # a narrow fused base: 42 groups x 6 slices
+    (False, 16, 40, 600, 24, 18, (6, 3, 256, 3 * 16 * 24)),
+    (False, 1, 4096, 4096, 160, 264, (256, 1, 4096, 0)),  # T K = 4096: one pass costs less than a second barrier
+    (False, 13, 40, 600, 24, 18, (3, 1, 600, 0)),  # T K = 7800, just under the threshold
+    (True, 5, 300, 600, 24, 18, (18, 1, 600, 0)),
+])
+def test_decode_cut(with_base, T, N, K, C, max_blocks, expected):
+    """The cut of phase 1, in C++ (the launcher's) and in the cost model's mirror: the same, and as the rule says."""
+    got = _decode_cut(with_base, T, N, K, C, max_blocks)
+    assert got == expected
+    assert cuda_launches.decode_cut(with_base, T, N, K, C, max_blocks) == got
+    grid, slices, length, _ = got
+    assert grid <= max_blocks and (slices == 1 or (length % 256 == 0 and (slices - 1) * length < K <= slices * length
+                                                   and T * K >= 8192))
 
 
 @pytest.mark.parametrize("T,K,E,r,k_chunk,c_chunk", [

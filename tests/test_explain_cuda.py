@@ -19,6 +19,8 @@ has_extension = pytest.mark.skipif(load_extension()[0] is None, reason="the CUDA
 has_compiler = pytest.mark.skipif(emu.compiler() is None, reason="no C++ compiler for the CUDA emulator")
 NEEDS = Needs(True, False, False, True, True, True)
 EMULATED_SMS = 4  # tests/cuda_emu/include/cuda_runtime.h cudaDeviceGetAttribute
+# its occupancy rule for the decode kernel: min(2048 / 256 threads, 228 KiB / (33 KiB + 1 KiB), 32) blocks per SM
+EMULATED_DECODE_BLOCKS_PER_SM = 6
 
 
 def names(launches):
@@ -122,6 +124,7 @@ CASES = [  # T, K, N, E, r, k, seq_len, dtype: every op of the extension at leas
     (1, 72, 40, 3, 8, 0, 1, torch.bfloat16),  # fused decode (base in the kernel)
     (7, 45, 33, 64, 1, 0, 7, torch.float16),  # fused decode, E = 64, r = 1; sequence gates: sequence_sum
     (40, 64, 24, 5, 24, 0, 1, torch.bfloat16),  # cuBLAS base + decode delta
+    (24, 700, 40, 5, 16, 0, 1, torch.float16),  # decode delta over (row group, K slice) pairs: 5 groups x 3 slices
     (133, 40, 33, 10, 16, 0, 1, torch.bfloat16),  # tensor-core shrink and dHg (4 experts per 64-wide tile)
     (70, 48, 40, 2, 128, 0, 35, torch.float16),  # 128-wide tiles; dHg's sequence_sum
     (66, 24, 20, 2, 136, 0, 1, torch.bfloat16),  # r > 128: gate kernels
@@ -138,7 +141,8 @@ def test_modeled_launches_are_the_emulated_launches(emulated, T, K, N, E, r, k, 
     ops = [launch for launch in launches if launch.source == "cuda"]
     assert ops, "the case ran no extension op"
     modeled = [(kern.grid, kern.threads, kern.smem, bool(kern.config.get("cooperative", False)))
-               for launch in ops for kern in cuda_launches.kernels(launch.name, launch.args, EMULATED_SMS)]
+               for launch in ops
+               for kern in cuda_launches.kernels(launch.name, launch.args, EMULATED_SMS, EMULATED_DECODE_BLOCKS_PER_SM)]
     assert modeled == log, [launch.name for launch in ops]
 
 

@@ -28,7 +28,10 @@ struct DecodeArgs {
   int k_chunk;        // columns of x staged in shared memory per step (phase 1)
   int c_chunk;        // columns of Hg staged per step (phase 2)
   size_t smem_bytes;  // DecodePlan::smem_bytes
-  int num_sms;
+  int grid;           // DecodeCut::grid, co-resident blocks
+  int slices;         // DecodeCut::slices (1: phase 1 cuts rows only)
+  int slice_len;      // DecodeCut::slice_len
+  float* partials;    // [slices, T, NW + C] fp32 scratch when slices > 1, else null
 };
 
 // How the decode kernel stages its operands for T tokens (host-side, no CUDA calls).
@@ -43,9 +46,29 @@ constexpr int kDecodeTokensPerPass = 16;      // tokens a warp accumulates in re
 constexpr int kDecodeGroupRows = 16;          // rows a block works on at once (8 warps x 2)
 constexpr int64_t kDecodeStageBytes = 32768;  // the staged tokens' operand
 constexpr size_t kDecodeReduceBytes = 33792;  // lane reduction: 16 rows x 16 tokens x 33 floats
+constexpr int kDecodeSliceStep = 256;         // K slices are whole warp steps (32 lanes x 8 elements)
+// Slice only when T * K reaches this: below it one 16-row pass over all of K (T K 16 FMAs per block, about 1 us
+// at T K = 4096 on an H100/H200 SM pair) costs less than the second grid barrier that slicing adds (~2 us; both
+// figures are the cost model's, docs/cost-model.md, not measurements).
+constexpr int64_t kDecodeSliceMinWork = 8192;
 DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r);
-// Blocks of the cooperative grid: enough for 16 rows each of the larger phase, at most max_blocks (co-resident).
-int decode_grid(bool with_base, int64_t N, int64_t C, int max_blocks);
+
+// How phase 1's work is cut over the cooperative grid. Phase 1 dots the NW + C rows of [W; A_cat] (NW = N with
+// the base, else 0) with every token; each block reads all of x for the rows it takes. With many rows (the base
+// is fused) they are cut evenly over the blocks and x is read once per block. With few rows (the LoRA term
+// alone: C = 160 is 10 groups of 16 against 264 blocks) most blocks would idle while each busy one restaged all
+// of x, so the work is cut over (16-row group, K slice) pairs instead: each block takes one pair, writes fp32
+// partial sums, and after a grid barrier the slices are added in slice order (deterministic).
+struct DecodeCut {
+  int grid;               // blocks, at most max_blocks (co-resident)
+  int slices;             // K slices of phase 1; 1 when 2 x the row groups exceed max_blocks or T K is small
+  int slice_len;          // columns per slice, a multiple of kDecodeSliceStep (K when slices == 1)
+  int64_t partial_count;  // fp32 partial sums: slices * T * (NW + C) when slices > 1, else 0
+};
+DecodeCut decode_cut(bool with_base, int64_t T, int64_t N, int64_t K, int64_t C, int max_blocks);
+// Co-resident blocks of the decode kernel for a dtype and shared-memory size on num_sms SMs (the occupancy query is
+// made once per device and size).
+cudaError_t decode_max_blocks(DType dtype, size_t smem_bytes, int num_sms, int* out);
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream);
 

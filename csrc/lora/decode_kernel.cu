@@ -7,6 +7,8 @@
 // (N + K) x C for the adapters), so the kernel streams W once and the adapters ride along in the same pass:
 //   phase 1: the rows of [W; A_cat] ([N + C, K]) are cut evenly across the blocks; each block dots its rows with
 //            every token of x (the base output, or H and Hg). One pass over W, A and x; no split-K partials.
+//            With too few rows for the grid (W = null: C rows only), (16-row group, K slice) pairs are cut
+//            instead and the slices' fp32 partial sums are added after a grid barrier (DecodeCut in pfk_lora.h).
 //   grid-wide barrier (Hg complete, cooperative launch)
 //   phase 2: the output columns are cut evenly across the blocks; column n dots B_cat's row n (the E slices
 //            B[e, n, :]) with Hg and adds into y.
@@ -88,13 +90,14 @@ struct ExpertColumns {
   }
 };
 
-// epi(row, t, sum_k X[t, k] rows(row)[k]) for rows [row0, row1) and tokens [0, T_); X [T_, len] row-major.
-// X is staged in shared memory `chunk` columns (a multiple of 8) and up to kTok tokens at a time; smem holds
-// min(T_, kTok) * chunk elements, and kDecodeReduceBytes for the lane reduction (the same bytes, reused).
-// Control flow depends only on the block's row range, so every thread reaches every barrier.
+// epi(row, t, sum_{k in [k_begin, k_end)} X[t, k] rows(row)[k]) for rows [row0, row1) and tokens [0, T_); X
+// [T_, len] row-major, k_begin a multiple of 8. X is staged in shared memory `chunk` columns (a multiple of 8)
+// and up to kTok tokens at a time; smem holds min(T_, kTok) * chunk elements, and kDecodeReduceBytes for the lane
+// reduction (the same bytes, reused). Control flow depends only on the block's ranges, so every thread reaches
+// every barrier.
 template <typename T, typename Rows, typename Epi>
 __device__ void rows_dot_tokens(const Rows& rows, const T* __restrict__ X, int len, bool vec_x, int T_, int row0,
-                                int row1, int chunk, unsigned char* smem, Epi epi) {
+                                int row1, int k_begin, int k_end, int chunk, unsigned char* smem, Epi epi) {
   T* xs = reinterpret_cast<T*>(smem);
   float* red = reinterpret_cast<float*>(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -107,8 +110,8 @@ __device__ void rows_dot_tokens(const Rows& rows, const T* __restrict__ X, int l
 #pragma unroll
         for (int tt = 0; tt < kTok; ++tt) acc[i][tt] = 0.f;
       }
-      for (int k0 = 0; k0 < len; k0 += chunk) {
-        const int kc = min(chunk, len - k0);
+      for (int k0 = k_begin; k0 < k_end; k0 += chunk) {
+        const int kc = min(chunk, k_end - k0);  // staged columns past kc are zero, so rows' loads past it add 0
         __syncthreads();  // every warp is done with the previous chunk (or the previous pass's reduction)
         for (int i = threadIdx.x * kVec; i < tp * chunk; i += kThreads * kVec) {
           const int tt = i / chunk, kk = i - tt * chunk;  // chunk % 8 == 0: the 8 elements share a token
@@ -187,34 +190,57 @@ __global__ void __launch_bounds__(kThreads, 2)
                        T* __restrict__ y,                  // [T, N]: written (W given) or accumulated in place
                        T* __restrict__ H,                  // [T, C] out
                        T* __restrict__ Hg,                 // [T, C] scratch
-                       int T_, int K, int N, int E, int r, int seq_len, int k_chunk, int c_chunk, bool vec) {
+                       float* __restrict__ partials,       // [slices, T, NW + C] scratch when slices > 1
+                       int T_, int K, int N, int E, int r, int seq_len, int k_chunk, int c_chunk, int slices,
+                       int slice_len, bool vec) {
   PFK_DYNAMIC_SMEM(unsigned char, smem);
   cg::grid_group grid = cg::this_grid();
   const int C = E * r;
   const int NW = W != nullptr ? N : 0;
+  const int R1 = NW + C;
+  const StackedRows<T> stacked{W, A, NW, K, vec};
+  // Phase 1's result for a row of [W; A_cat]: a base column (y = x W^T + b) or a shrink column (H, Hg).
+  auto finish = [&](int row, int t, float sum) {
+    if (row < NW) {
+      const float b = bias != nullptr ? to_float(bias[row]) : 0.f;
+      y[static_cast<int64_t>(t) * N + row] = from_float<T>(sum + b);
+    } else {
+      const int c = row - NW, e = c / r;
+      const T h = from_float<T>(sum);
+      H[static_cast<int64_t>(t) * C + c] = h;
+      // torch's order: H * (g * s), rounded to the dtype
+      Hg[static_cast<int64_t>(t) * C + c] = from_float<T>(to_float(h) * (gates[(t / seq_len) * E + e] * scaling[e]));
+    }
+  };
   int begin = 0, end = 0;
 
-  // Phase 1: base columns (y = x W^T + b) and the shrink (H, Hg), one pass over the stacked rows.
-  even_cut(NW + C, blockIdx.x, gridDim.x, &begin, &end);
-  rows_dot_tokens(StackedRows<T>{W, A, NW, K, vec}, x, K, vec, T_, begin, end, k_chunk, smem,
-                  [&](int row, int t, float sum) {
-                    if (row < NW) {
-                      const float b = bias != nullptr ? to_float(bias[row]) : 0.f;
-                      y[static_cast<int64_t>(t) * N + row] = from_float<T>(sum + b);
-                    } else {
-                      const int c = row - NW, e = c / r;
-                      const T h = from_float<T>(sum);
-                      H[static_cast<int64_t>(t) * C + c] = h;
-                      // torch's order: H * (g * s), rounded to the dtype
-                      Hg[static_cast<int64_t>(t) * C + c] =
-                          from_float<T>(to_float(h) * (gates[(t / seq_len) * E + e] * scaling[e]));
-                    }
-                  });
+  // Phase 1: base columns and the shrink, one pass over the stacked rows.
+  if (slices == 1) {  // rows cut evenly over the blocks, all of K each
+    even_cut(R1, blockIdx.x, gridDim.x, &begin, &end);
+    rows_dot_tokens(stacked, x, K, vec, T_, begin, end, 0, K, k_chunk, smem, finish);
+  } else {  // (16-row group, K slice) pairs, one per block (the host sizes the grid so); slice sums, then finish
+    const int items = (R1 + kGroupRows - 1) / kGroupRows * slices;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      const int g = item / slices, s = item - g * slices;
+      const int k_begin = s * slice_len, k_end = min(K, k_begin + slice_len);
+      float* part = partials + static_cast<int64_t>(s) * T_ * R1;
+      rows_dot_tokens(stacked, x, K, vec, T_, g * kGroupRows, min(R1, (g + 1) * kGroupRows), k_begin, k_end, k_chunk,
+                      smem, [&](int row, int t, float sum) { part[static_cast<int64_t>(t) * R1 + row] = sum; });
+    }
+    grid.sync();
+    const int64_t outputs = static_cast<int64_t>(T_) * R1;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < outputs;
+         i += static_cast<int64_t>(gridDim.x) * kThreads) {
+      float sum = 0.f;
+      for (int s = 0; s < slices; ++s) sum += partials[s * outputs + i];  // slice order: deterministic
+      finish(static_cast<int>(i % R1), static_cast<int>(i / R1), sum);
+    }
+  }
   grid.sync();
 
   // Phase 2: y[:, n] += Hg B_cat[n, :]^T for the block's columns.
   even_cut(N, blockIdx.x, gridDim.x, &begin, &end);
-  rows_dot_tokens(ExpertColumns<T>{B, N, r, C, vec && r % kVec == 0}, Hg, C, vec && C % kVec == 0, T_, begin, end,
+  rows_dot_tokens(ExpertColumns<T>{B, N, r, C, vec && r % kVec == 0}, Hg, C, vec && C % kVec == 0, T_, begin, end, 0, C,
                   c_chunk, smem, [&](int n, int t, float sum) {
                     T* out = y + static_cast<int64_t>(t) * N + n;
                     *out = from_float<T>(to_float(*out) + sum);
@@ -250,16 +276,21 @@ cudaError_t blocks_per_sm(Kernel kernel, OccupancyCache& cache, size_t smem, int
 
 template <typename T>
 cudaError_t launch_impl(const DecodeArgs& a, cudaStream_t stream) {
-  auto kernel = lora_decode_kernel<T>;
+  if (a.grid < 1 || a.slices < 1 || (a.slices > 1 && a.partials == nullptr)) return cudaErrorInvalidValue;
+  return launch_cooperative(lora_decode_kernel<T>, dim3(a.grid), dim3(kThreads), a.smem_bytes, stream, a.x, a.W, a.bias,
+                            a.A, a.B, a.gates, a.scaling, a.y, a.H, a.Hg, a.partials, a.T, a.K, a.N, a.E, a.r,
+                            a.seq_len, a.k_chunk, a.c_chunk, a.slices, a.slice_len, a.vectorized);
+}
+
+template <typename T>
+cudaError_t max_blocks_impl(size_t smem_bytes, int num_sms, int* out) {
   static OccupancyCache cache;  // one per instantiation
   int per_sm = 0;
-  cudaError_t err = blocks_per_sm(kernel, cache, a.smem_bytes, &per_sm);
+  const cudaError_t err = blocks_per_sm(lora_decode_kernel<T>, cache, smem_bytes, &per_sm);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
-  const int grid = decode_grid(a.W != nullptr, a.N, a.E * a.r, per_sm * a.num_sms);
-  return launch_cooperative(kernel, dim3(grid), dim3(kThreads), a.smem_bytes, stream, a.x, a.W, a.bias, a.A, a.B,
-                            a.gates, a.scaling, a.y, a.H, a.Hg, a.T, a.K, a.N, a.E, a.r, a.seq_len, a.k_chunk,
-                            a.c_chunk, a.vectorized);
+  *out = per_sm * num_sms;
+  return cudaSuccess;
 }
 
 }  // namespace
@@ -279,10 +310,31 @@ DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r) {
   return p;
 }
 
-int decode_grid(bool with_base, int64_t N, int64_t C, int max_blocks) {
-  const int64_t rows = std::max<int64_t>((with_base ? N : 0) + C, N);
-  const int64_t want = std::max<int64_t>(1, (rows + kDecodeGroupRows - 1) / kDecodeGroupRows);
-  return static_cast<int>(std::min<int64_t>(want, max_blocks));
+DecodeCut decode_cut(bool with_base, int64_t T, int64_t N, int64_t K, int64_t C, int max_blocks) {
+  const int64_t rows = (with_base ? N : 0) + C;
+  const int64_t groups = (rows + kDecodeGroupRows - 1) / kDecodeGroupRows;
+  const int64_t phase2 = (N + kDecodeGroupRows - 1) / kDecodeGroupRows;
+  const int64_t steps = (K + kDecodeSliceStep - 1) / kDecodeSliceStep;
+  DecodeCut cut{};
+  int64_t slices = std::min<int64_t>(max_blocks / std::max<int64_t>(groups, 1), steps);
+  if (slices < 2 || T * K < kDecodeSliceMinWork) {
+    cut.slices = 1;
+    cut.slice_len = static_cast<int>(K);
+    cut.grid = static_cast<int>(std::min<int64_t>(std::max<int64_t>({1, groups, phase2}), max_blocks));
+    cut.partial_count = 0;
+    return cut;
+  }
+  const int64_t len = ((K + slices - 1) / slices + kDecodeSliceStep - 1) / kDecodeSliceStep * kDecodeSliceStep;
+  slices = (K + len - 1) / len;
+  cut.slices = static_cast<int>(slices);
+  cut.slice_len = static_cast<int>(len);
+  cut.grid = static_cast<int>(std::min<int64_t>(std::max<int64_t>(groups * slices, phase2), max_blocks));
+  cut.partial_count = slices * T * rows;
+  return cut;
+}
+
+cudaError_t decode_max_blocks(DType dtype, size_t smem_bytes, int num_sms, int* out) {
+  return dispatch_16bit(dtype, [&](auto t) { return max_blocks_impl<decltype(t)>(smem_bytes, num_sms, out); });
 }
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {

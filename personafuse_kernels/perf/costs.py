@@ -69,9 +69,13 @@ ASSUMPTIONS = {
     # The decode kernel's dot products are fp32 FMAs on CUDA cores: half of the card's fp32 peak (lane sums,
     # shared-memory staging and the bf16 -> fp32 converts take the other issue slots). An estimate.
     "cuda_core_fp32_eff": 0.50,
-    # Its one grid-wide barrier (cooperative launch, grid.sync()): a few microseconds on Hopper-class cards in
+    # Its grid-wide barriers (cooperative launch, grid.sync()): a few microseconds on Hopper-class cards in
     # published microbenchmarks; an estimate until a GPU times it.
     "grid_sync_ms": 0.002,
+    # L2 -> SM bandwidth as a multiple of the card's HBM bandwidth, for the operands the decode kernel re-reads
+    # from L2 (x staged by every block that takes rows, Hg by every block of phase 2, the slices' partial sums).
+    # An order of magnitude from published microbenchmarks of Hopper-class L2, not a measurement of ours.
+    "l2_over_hbm": 2.0,
 }
 
 # Kinds whose efficiency no measured row has fixed: an explanation whose GPU time is mostly theirs says so.
@@ -84,6 +88,8 @@ class Cost:
     bytes: float
     kind: str  # cublas, cublas_skinny, stream, triton_tma, triton_pointer, triton_small, cuda_mma, cuda_decode
     waves: float = 1.0  # wave efficiency (<= 1) of the big GEMMs
+    grid_syncs: int = 0  # grid-wide barriers inside the kernel (cooperative launches)
+    l2_bytes: float = 0.0  # operands re-read from L2 (priced where a kernel's design makes them matter)
 
 
 def _elt(t: torch.Tensor) -> int:
@@ -224,10 +230,11 @@ def launch_time_ms(cost: Cost, card: Card, dtype_bytes: int = 2) -> float:
         "cuda_mma": (A["cuda_mma_compute_eff"], A["cuda_mma_memory_eff"], 0.0),
         "cuda_decode": (1.0, 1.0, 0.0),  # set below
     }[cost.kind]
-    if cost.kind == "cuda_decode":  # CUDA-core fp32 FMAs, one grid barrier
-        peak, compute_eff, memory_eff, fixed = card.fp32_tflops * 1e12, A["cuda_core_fp32_eff"], \
-            A["cuda_decode_memory_eff"], A["grid_sync_ms"]
-    t = max(cost.flops / (peak * compute_eff), cost.bytes / (bw * memory_eff)) * 1e3
+    if cost.kind == "cuda_decode":  # CUDA-core fp32 FMAs
+        peak, compute_eff, memory_eff = card.fp32_tflops * 1e12, A["cuda_core_fp32_eff"], A["cuda_decode_memory_eff"]
+    fixed += cost.grid_syncs * A["grid_sync_ms"]
+    t = max(cost.flops / (peak * compute_eff), cost.bytes / (bw * memory_eff), cost.l2_bytes / (bw * A["l2_over_hbm"]))
+    t *= 1e3
     return t / max(cost.waves, 1e-9) + fixed + A["gap_ms"]
 
 

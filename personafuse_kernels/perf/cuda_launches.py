@@ -27,6 +27,8 @@ DECODE_GROUP_ROWS = 16  # kDecodeGroupRows
 DECODE_TOKENS_PER_PASS = 16  # kDecodeTokensPerPass
 DECODE_STAGE_BYTES = 32768  # kDecodeStageBytes
 DECODE_REDUCE_BYTES = 33792  # kDecodeReduceBytes
+DECODE_SLICE_STEP = 256  # kDecodeSliceStep
+DECODE_SLICE_MIN_WORK = 8192  # kDecodeSliceMinWork (T * K)
 GATE_THREADS = 256  # csrc/gate/gate_kernels.cu kThreads
 GATE_MAX_BLOCKS = 65535 * 8  # grid_for's cap
 
@@ -42,6 +44,7 @@ class CudaKernel:
     bytes: float
     kind: str
     config: dict = field(default_factory=dict)
+    l2_bytes: float = 0.0  # operands re-read from L2 where the design makes it matter (the decode kernel)
 
 
 def tile_width(r: int, min_width: int = 32) -> int:
@@ -76,9 +79,18 @@ def decode_plan(T: int, K: int, C: int) -> tuple[int, int, int]:
     return k_chunk, c_chunk, max(DECODE_REDUCE_BYTES, 2 * tok * max(k_chunk, c_chunk))
 
 
-def decode_grid(with_base: bool, N: int, C: int, max_blocks: int) -> int:
-    rows = max((N if with_base else 0) + C, N)
-    return min(max(1, math.ceil(rows / DECODE_GROUP_ROWS)), max_blocks)
+def decode_cut(with_base: bool, T: int, N: int, K: int, C: int, max_blocks: int) -> tuple[int, int, int, int]:
+    """decode_cut: (grid, K slices of phase 1, slice length, fp32 partial sums). Rows of [W; A_cat] cut evenly
+    when there are enough of them for the grid or T K is small; else (16-row group, K slice) pairs, one per
+    block."""
+    rows = (N if with_base else 0) + C
+    groups, phase2 = math.ceil(rows / DECODE_GROUP_ROWS), math.ceil(N / DECODE_GROUP_ROWS)
+    slices = min(max_blocks // max(groups, 1), math.ceil(K / DECODE_SLICE_STEP))
+    if slices < 2 or T * K < DECODE_SLICE_MIN_WORK:
+        return min(max(1, groups, phase2), max_blocks), 1, K, 0
+    length = math.ceil(math.ceil(K / slices) / DECODE_SLICE_STEP) * DECODE_SLICE_STEP
+    slices = math.ceil(K / length)
+    return min(max(groups * slices, phase2), max_blocks), slices, length, slices * T * rows
 
 
 def gate_grid(n: int) -> int:
@@ -89,21 +101,36 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-def _decode(a: dict, num_sms: int, with_base: bool) -> list[CudaKernel]:
+def _decode(a: dict, num_sms: int, with_base: bool, blocks_per_sm: int) -> list[CudaKernel]:
     x, A, B = a["x"], a["lora_A"], a["lora_B"]
     T, K = x.shape
     E, r, _ = A.shape
     N, C, e = B.shape[1], E * r, x.element_size()
     k_chunk, c_chunk, smem = decode_plan(T, K, C)
-    grid = decode_grid(with_base, N, C, DECODE_BLOCKS_PER_SM * num_sms)
+    grid, slices, slice_len, partials = decode_cut(with_base, T, N, K, C, blocks_per_sm * num_sms)
     rows = (N if with_base else 0) + C
-    # fp32 FMAs on CUDA cores: phase 1 dots T tokens with the rows of [W; A_cat], phase 2 with B_cat's rows
-    flops = 2.0 * T * K * rows + 2.0 * T * C * N
+    # fp32 FMAs on CUDA cores, as issued: a block works on 16 rows at a time and a pass with fewer rows still runs
+    # all 16 slots (zeros), so the slowest block's passes set the time. Phase 1 dots T tokens with the rows of
+    # [W; A_cat] over K (or a K slice), phase 2 with B_cat's N rows over C.
+    def issued(n_rows: int, blocks: int, length: int) -> float:
+        passes = math.ceil(math.ceil(n_rows / blocks) / DECODE_GROUP_ROWS)
+        return 2.0 * blocks * passes * DECODE_GROUP_ROWS * T * length
+
+    phase1 = issued(rows, grid, K) if slices == 1 else 2.0 * math.ceil(rows / DECODE_GROUP_ROWS) * slices \
+        * DECODE_GROUP_ROWS * T * slice_len
+    flops = phase1 + issued(N, grid, C)
     weights = (N * K if with_base else 0) * e + _nbytes(A) + _nbytes(B) + _nbytes(a.get("bias"))
-    # x read, y written (read too when accumulating), H and Hg written, Hg read back by phase 2, the gates
-    acts = _nbytes(x) + T * N * e * (1 if with_base else 2) + 3 * T * C * e + _nbytes(a["gates"])
+    # x read, y written (read too when accumulating), H and Hg written, Hg read back by phase 2, the gates, and
+    # the slices' partial sums written and read back
+    acts = _nbytes(x) + T * N * e * (1 if with_base else 2) + 3 * T * C * e + _nbytes(a["gates"]) + 2 * partials * 4
+    # L2 re-reads: every block that takes rows stages all of x (rows cut evenly) or its slice of x (one per
+    # (group, slice) pair); every block of phase 2 stages all of Hg; the partial sums go out and back
+    groups = math.ceil(rows / DECODE_GROUP_ROWS)
+    x_reads = min(grid, rows) * T * K * e if slices == 1 else groups * T * K * e
+    l2 = x_reads + min(grid, N) * T * C * e + 2 * partials * 4
     return [CudaKernel("lora_decode_kernel", grid, DECODE_THREADS, smem, flops, weights + acts, "cuda_decode",
-                       {"k_chunk": k_chunk, "c_chunk": c_chunk, "cooperative": True})]
+                       {"k_chunk": k_chunk, "c_chunk": c_chunk, "slices": slices, "slice_len": slice_len,
+                        "grid_syncs": 2 if slices > 1 else 1, "cooperative": True}, l2)]
 
 
 def _sequence_sum(T: int, E: int, seq_len: int) -> list[CudaKernel]:
@@ -124,12 +151,13 @@ def _dense_mma(name: str, T: int, L: int, E: int, r: int, e: int, read: float, w
                       "cuda_mma", {"BM": MMA_BM, "BN": bn, "experts_per_tile": ept})
 
 
-def kernels(op: str, a: dict, num_sms: int) -> list[CudaKernel]:
-    """The kernels extension op `op` launches for bound arguments `a` (schema name -> value), on num_sms SMs."""
+def kernels(op: str, a: dict, num_sms: int, decode_blocks_per_sm: int = DECODE_BLOCKS_PER_SM) -> list[CudaKernel]:
+    """The kernels extension op `op` launches for bound arguments `a` (schema name -> value), on num_sms SMs.
+    decode_blocks_per_sm: the decode kernel's occupancy (the device's answer; 2 on a GPU by its launch bounds)."""
     if op == "lora_decode_linear":
-        return _decode(a, num_sms, with_base=True)
+        return _decode(a, num_sms, True, decode_blocks_per_sm)
     if op == "lora_decode_":
-        return _decode(a, num_sms, with_base=False)
+        return _decode(a, num_sms, False, decode_blocks_per_sm)
     if op == "lora_shrink":
         x, A = a["x"], a["lora_A"]
         (T, K), (E, r, _), e = x.shape, A.shape, x.element_size()

@@ -211,7 +211,8 @@ def _rows(phase: str, launch: Launch, c: Card, dtype_bytes: int) -> list[KernelR
     if launch.source == "cuda":
         rows = []
         for kernel in cuda_launches.kernels(launch.name, launch.args, c.sms):
-            cost = Cost(kernel.flops, kernel.bytes, kernel.kind)
+            cost = Cost(kernel.flops, kernel.bytes, kernel.kind, grid_syncs=kernel.config.get("grid_syncs", 0),
+                        l2_bytes=kernel.l2_bytes)
             config = dict(kernel.config, threads=kernel.threads, smem=kernel.smem, op=launch.name)
             rows.append(KernelRow(phase, "cuda", kernel.name, [kernel.grid], config, kernel.kind, kernel.flops / 1e9,
                                   kernel.bytes / 1e6, launch_time_ms(cost, c, dtype_bytes), 0.0 if rows else host))

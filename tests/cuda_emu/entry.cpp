@@ -1,6 +1,8 @@
 // C entry points of the emulated extension for ctypes (tests/emu.py): the launchers of csrc/ run on the CPU.
 // Pointers are CPU tensors' data; the return value is the launcher's cudaError_t.
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "pfk_async.cuh"
 #include "pfk_device.cuh"
@@ -64,6 +66,14 @@ void pfk_emu_decode_plan(int64_t T, int64_t K, int64_t E, int64_t r, int64_t* ou
   out[2] = static_cast<int64_t>(p.smem_bytes);
 }
 
+void pfk_emu_decode_cut(int with_base, int64_t T, int64_t N, int64_t K, int64_t C, int max_blocks, int64_t* out) {
+  const DecodeCut c = decode_cut(with_base != 0, T, N, K, C, max_blocks);
+  out[0] = c.grid;
+  out[1] = c.slices;
+  out[2] = c.slice_len;
+  out[3] = c.partial_count;
+}
+
 // W and bias may be null (y then holds the base output and the LoRA term is added to it).
 int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W, const void* bias, const void* A,
                         const void* B, const float* gates, const float* scaling, void* y, void* H, void* Hg, int T,
@@ -71,6 +81,11 @@ int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W,
   const DecodePlan p = plan_lora_decode(T, K, E, r);
   DecodeArgs a{};
   a.dtype = static_cast<DType>(dtype);
+  int max_blocks = 0;
+  const cudaError_t err = decode_max_blocks(a.dtype, p.smem_bytes, num_sms, &max_blocks);
+  if (err != cudaSuccess) return err;
+  const DecodeCut cut = decode_cut(W != nullptr, T, N, K, static_cast<int64_t>(E) * r, max_blocks);
+  std::vector<float> partials(static_cast<size_t>(cut.partial_count), std::nanf(""));  // unwritten reads show
   a.vectorized = vectorized != 0;
   a.x = x;
   a.W = W;
@@ -91,7 +106,10 @@ int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W,
   a.k_chunk = p.k_chunk;
   a.c_chunk = p.c_chunk;
   a.smem_bytes = p.smem_bytes;
-  a.num_sms = num_sms;
+  a.grid = cut.grid;
+  a.slices = cut.slices;
+  a.slice_len = cut.slice_len;
+  a.partials = cut.slices > 1 ? partials.data() : nullptr;
   return launch_lora_decode(a, nullptr);
 }
 
