@@ -95,6 +95,12 @@ PERSONAFUSE_TOPK_PATH=grouped "$PY" benchmarks/bench_routed_lora.py \
 "$PY" benchmarks/make_dispatch_table.py "$OUT_DIR/bench/rows.json" "$OUT_DIR/bench_topk/rows.json" \
     --out "$OUT_DIR/bench_topk" >> "$OUT_DIR/bench_topk.log" 2>&1
 
+# the cost model against what was just measured, the calibration step (docs/cost-model.md); appended to bench.log,
+# since the device tool brings back only a few files
+for rows in "$OUT_DIR/bench/rows.json" "$OUT_DIR/bench_topk/rows.json"; do
+  [ -f "$rows" ] && "$PY" -m personafuse_kernels.cli explain --against "$rows"
+done >> "$OUT_DIR/bench.log" 2>&1
+
 if [ "$TUNE" = 1 ]; then  # per-GPU launch table for the triton backend (lands in rows.tar.gz)
   mkdir -p "$OUT_DIR/bench"
   "$PY" benchmarks/tune_triton.py --out "$OUT_DIR/bench" > "$OUT_DIR/bench/tune.log" 2>&1
@@ -109,5 +115,7 @@ if [ "$BENCH" = 1 ]; then
   grep -A60 "base in ms" "$OUT_DIR/bench.log" | head -60
   grep -A10 "base in ms" "$OUT_DIR/bench_compile.log" | head -10
   grep -A14 "base in ms" "$OUT_DIR/bench_topk.log" | head -14
+  echo "== the cost model against these rows (the end of bench.log)"
+  grep -E "rows priced|OFF" "$OUT_DIR/bench.log" | head -20
 fi
 [ "$test_rc" = 0 -o "$test_rc" = skipped ] && [ "$bench_rc" = 0 -o "$bench_rc" = skipped ]

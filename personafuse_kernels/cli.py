@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ._cliutil import EXIT_USAGE, ArgParser, UsageError, csv_list, writable_folder
 
@@ -170,8 +171,10 @@ def cmd_explain(args) -> int:
                   f"predicted {r['predicted']:6.2f}x  {r['error']:+6.1%}  {mark}"
                   + ("  (required)" if r["required"] else ""))
         return 0
+    if args.against is not None:
+        return _explain_against(args)
     if args.shape is None:
-        raise UsageError("personafuse explain: --shape T,K,N,E,r[,k] is required (or --calibration)")
+        raise UsageError("personafuse explain: --shape T,K,N,E,r[,k] is required (or --calibration, --against)")
     try:
         dims = [int(v) for v in args.shape.split(",")]
     except ValueError:
@@ -186,6 +189,33 @@ def cmd_explain(args) -> int:
     except ValueError as exc:
         raise UsageError(f"personafuse explain: {exc}") from None
     print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def _explain_against(args) -> int:
+    from .perf import against_measured
+
+    try:
+        rows = json.loads(Path(args.against).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"personafuse explain: --against {args.against}: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"personafuse explain: --against {args.against}: not a list of bench rows (rows.json)")
+    out = against_measured(rows)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    priced = [r for r in out if "skipped" not in r]
+    print(f"the cost model against {args.against}: {len(priced)} rows priced, {len(out) - len(priced)} skipped "
+          f"(ratio to F.linear; 'GPU' is the prediction with host time hidden)")
+    for r in priced:
+        top = f" top-{r['top_k']}" if r.get("top_k") else ""
+        print(f"  {r['provider']:<8}{r['mode']:<7} T={r['T']:<6} {r['K']}x{r['N']} E={r['E']}{top:<7} "
+              f"measured {r['measured']:6.2f}x  predicted {r['predicted']:6.2f}x (GPU {r['predicted_gpu']:5.2f}x)  "
+              f"{r['error']:+6.1%}  {'ok' if r['within'] else 'OFF'}" + ("" if r["calibrated"] else "  (uncalibrated)"))
+    reasons = sorted({r["skipped"] for r in out if "skipped" in r})
+    for why in reasons:
+        print(f"  skipped: {why}")
     return 0
 
 
@@ -229,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--card", default="H200", help="H100-SXM, H200 or A100-SXM-80GB")
     x.add_argument("--json", action="store_true", help="the same as data (schema: docs/cost-model.md)")
     x.add_argument("--calibration", action="store_true", help="the model against the measured H200 rows")
+    x.add_argument("--against", default=None, metavar="ROWS_JSON",
+                   help="the model against a benchmark run's rows.json (personafuse bench --out)")
     sub.add_parser("demo", help="the PersonaFuse recipe end to end (options: personafuse demo --help)",
                    add_help=False)
     return parser

@@ -156,3 +156,51 @@ def test_predictions_in_the_missed_regime_say_so():
     held = explain(16384, 4096, 4096, 10, 16, backend="stacked", mode="fwdbwd")
     assert not missed.calibrated and "35 %" in missed.uncalibrated_reason and "UNCALIBRATED" in missed.table()
     assert held.calibrated and explain(4096, 4096, 4096, 10, 16, backend="stacked").calibrated
+
+
+def _as_bench_rows(anchor_rows):
+    """The anchor rows spelled as `personafuse bench` writes rows.json on an H200."""
+    return [{"provider": a["provider"], "mode": a["mode"], "T": a["shape"][0], "K": a["shape"][1],
+             "N": a["shape"][2], "E": a["shape"][3], "r": a["shape"][4], "top_k": 0, "dtype": "bfloat16",
+             "device": "NVIDIA H200", "ratio_to_base": a["ratio"]} for a in anchor_rows]
+
+
+def test_against_measured_prices_bench_rows_as_the_calibration_does():
+    from personafuse_kernels.perf import against_measured
+    from personafuse_kernels.perf.explain import anchors
+
+    calib = calibration()
+    got = against_measured(_as_bench_rows(anchors()))
+    assert [(g["predicted"], g["error"], g["within"]) for g in got] == \
+        [(c["predicted"], c["error"], c["within"]) for c in calib]
+    assert all(g["card"] == "H200" and g["predicted_gpu"] > 0 for g in got)
+
+
+def test_against_measured_says_why_it_skips_a_row():
+    from personafuse_kernels.perf import against_measured
+
+    good = _as_bench_rows([{"provider": "stacked", "mode": "fwd", "shape": [4096, 4096, 4096, 10, 16], "ratio": 1.5}])
+    rows = [{**good[0], "provider": "base", "ratio_to_base": 1.0}, good[0],
+            {**good[0], "device": "NVIDIA B200"}, {**good[0], "provider": "xlora"},
+            {**good[0], "error": "OutOfMemoryError: ..."}, {**good[0], "dtype": "int8"}]
+    out = against_measured(rows)
+    assert len(out) == 5  # base is the denominator, not a row to price
+    assert "skipped" not in out[0] and out[0]["measured"] == 1.5
+    assert ["card" in out[1]["skipped"], "not modeled" in out[2]["skipped"], "failed" in out[3]["skipped"],
+            "dtype" in out[4]["skipped"]] == [True] * 4
+
+
+def test_explain_against_cli(tmp_path, capsys):
+    from personafuse_kernels.cli import main
+    from personafuse_kernels.perf.explain import anchors
+
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(_as_bench_rows(anchors())))
+    assert main(["explain", "--against", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(anchors())} rows priced, 0 skipped" in out and "measured" in out
+    assert main(["explain", "--against", str(path), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == len(anchors())
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["explain", "--against", str(tmp_path / "bad.json")]) == 2
+    assert "--against" in capsys.readouterr().err

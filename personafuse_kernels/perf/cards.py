@@ -42,3 +42,11 @@ def card(key: str) -> Card:
         return CARDS[key]
     except KeyError:
         raise ValueError(f"unknown card {key!r}; known: {', '.join(CARDS)}") from None
+
+
+def card_for_device(device_name: str) -> Card | None:
+    """The card whose torch.cuda.get_device_name() spelling is `device_name`, or None (a card the model lacks)."""
+    for c in CARDS.values():
+        if device_name == c.device_name:
+            return c
+    return None

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import cuda_launches
-from .cards import Card
+from .cards import Card, card_for_device
 from .cards import card as get_card
 from .costs import (
     ASSUMPTIONS,
@@ -286,4 +286,43 @@ def calibration(tolerance: float = 0.15) -> list[dict]:
         got = explain(T, K, N, E, r, 0, "bf16", row["provider"], row["mode"], row["card"]).ratio
         err = got / row["ratio"] - 1.0
         out.append({**row, "predicted": round(got, 3), "error": round(err, 3), "within": abs(err) <= tolerance})
+    return out
+
+
+# ------------------------------------------------------------------ against a benchmark run
+
+_BENCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def against_measured(rows: list[dict], tolerance: float = 0.15) -> list[dict]:
+    """Rows of `personafuse bench` (its rows.json) beside the model's prediction for each: provider, mode, shape,
+    card (from the row's device name), measured ratio to F.linear, predicted ratio (and the GPU-only ratio), the
+    relative error, whether it is within tolerance. Rows the model cannot price (another card, a provider it does
+    not model, an error row) come back with `skipped` saying why. This is the first step of calibrating on a GPU:
+    benchmarks/gpu_check.sh runs it after its benchmarks."""
+    out = []
+    for row in rows:
+        if row.get("provider") == "base":
+            continue
+        key = {k: row.get(k) for k in ("provider", "mode", "T", "K", "N", "E", "r", "top_k", "device")}
+        c = card_for_device(row.get("device", ""))
+        why = ("the run failed: " + row["error"] if "error" in row else
+               f"the model has no card for device {row.get('device')!r}" if c is None else
+               f"provider {row['provider']!r} is not modeled" if row["provider"] not in BACKENDS else
+               f"dtype {row.get('dtype')!r} is not modeled" if row.get("dtype") not in _BENCH_DTYPES else
+               "no ratio to base in the row" if not row.get("ratio_to_base") else "")
+        if why:
+            out.append({**key, "skipped": why})
+            continue
+        try:
+            e = explain(row["T"], row["K"], row["N"], row["E"], row["r"], row.get("top_k") or 0,
+                        _BENCH_DTYPES[row["dtype"]], row["provider"], row["mode"], c.key)
+        except ValueError as exc:  # e.g. the cuda backend where the extension is not built
+            out.append({**key, "skipped": str(exc)})
+            continue
+        measured = row["ratio_to_base"]
+        err = e.ratio / measured - 1.0
+        out.append({**key, "card": c.key, "measured": measured, "predicted": round(e.ratio, 3),
+                    "predicted_gpu": round(e.gpu_ratio, 3), "error": round(err, 3), "within": abs(err) <= tolerance,
+                    "calibrated": e.calibrated})
     return out
