@@ -79,12 +79,13 @@ def _decode_plan(T, K, E, r):
     (64, 96, 33, 64, 1, 1, True),  # 4 passes of 16 tokens
     (5, 37, 19, 2, 128, 1, False),
     # fused: 20 row groups, rows cut evenly, x staged in 2 chunks (1024 + a tail of 80), 3 passes (16, 16, 8
-    # tokens); given: 1 group x 5 K slices
+    # tokens); given: 1 row group, T K under the slicing threshold: rows cut evenly over the blocks
     (40, 1104, 300, 1, 8, 20, True),
     # phase 1 over (16-row group, K slice) pairs (18 blocks on the emulator's 3 SMs): given base, 8 groups x 2
-    # slices of 1536 (chunks 1024 + 512, then 1024 + 40); fused, W's and A's rows sharing a group, 4 slices of 256
-    (40, 2600, 16, 10, 12, 1, True),
-    (12, 900, 24, 2, 4, 3, False),
+    # slices of 1536 (chunks 1024 + 512, then 1024 + 40); fused, W's and A's rows sharing a group, 9 slices of 256
+    # (the last 152)
+    (64, 2600, 16, 10, 12, 1, True),
+    (60, 2200, 24, 2, 4, 3, False),
 ])
 def test_decode_kernel(dtype, base, T, K, N, E, r, seq_len, vectorized):
     """One launch: the base (given in y, or computed from W and b) plus the routed LoRA term."""
@@ -124,12 +125,13 @@ def _decode_cut(with_base, T, N, K, C, max_blocks):
     (True, 1, 4096, 4096, 160, 264, (264, 1, 4096, 0)),  # 266 row groups: rows cut evenly, no partial sums
     (False, 64, 4096, 4096, 160, 264, (256, 16, 256, 16 * 64 * 160)),  # 10 groups x 16 slices; phase 2 wants 256
     # 26 slices would fit; whole 256-column steps make them 19 of 768 (the last 512)
-    (False, 1, 4096, 14336, 160, 264, (256, 19, 768, 19 * 160)),
-    (True, 8, 512, 4096, 160, 264, (252, 6, 768, 6 * 8 * 672)),  # a narrow fused base: 42 groups x 6 slices
-    (False, 16, 40, 600, 24, 18, (6, 3, 256, 3 * 16 * 24)),
-    (False, 1, 4096, 4096, 160, 264, (256, 1, 4096, 0)),  # T K = 4096: one pass costs less than a second barrier
-    (False, 13, 40, 600, 24, 18, (3, 1, 600, 0)),  # T K = 7800, just under the threshold
-    (True, 5, 300, 600, 24, 18, (18, 1, 600, 0)),
+    (False, 16, 4096, 14336, 160, 264, (256, 19, 768, 19 * 16 * 160)),
+    (True, 32, 512, 4096, 160, 264, (252, 6, 768, 6 * 32 * 672)),  # a narrow fused base: 42 groups x 6 slices
+    (False, 64, 40, 2100, 24, 18, (18, 9, 256, 9 * 64 * 24)),
+    (True, 5, 300, 600, 24, 18, (18, 1, 600, 0)),  # 21 groups: more than half the grid
+    (False, 1, 4096, 4096, 160, 264, (256, 1, 4096, 0)),  # T K = 4096: under the threshold
+    (False, 31, 40, 4096, 24, 18, (3, 1, 4096, 0)),  # T K = 126976, just under it
+    (False, 32, 40, 4096, 24, 18, (16, 8, 512, 8 * 32 * 24)),  # T K = 131072: sliced
 ])
 def test_decode_cut(with_base, T, N, K, C, max_blocks, expected):
     """The cut of phase 1, in C++ (the launcher's) and in the cost model's mirror: the same, and as the rule says."""
@@ -138,7 +140,7 @@ def test_decode_cut(with_base, T, N, K, C, max_blocks, expected):
     assert cuda_launches.decode_cut(with_base, T, N, K, C, max_blocks) == got
     grid, slices, length, _ = got
     assert grid <= max_blocks and (slices == 1 or (length % 256 == 0 and (slices - 1) * length < K <= slices * length
-                                                   and T * K >= 8192))
+                                                   and T * K >= 131072))
 
 
 @pytest.mark.parametrize("T,K,E,r,k_chunk,c_chunk", [

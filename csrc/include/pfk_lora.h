@@ -47,10 +47,11 @@ constexpr int kDecodeGroupRows = 16;          // rows a block works on at once (
 constexpr int64_t kDecodeStageBytes = 32768;  // the staged tokens' operand
 constexpr size_t kDecodeReduceBytes = 33792;  // lane reduction: 16 rows x 16 tokens x 33 floats
 constexpr int kDecodeSliceStep = 256;         // K slices are whole warp steps (32 lanes x 8 elements)
-// Slice only when T * K reaches this: below it one 16-row pass over all of K (T K 16 FMAs per block, about 1 us
-// at T K = 4096 on an H100/H200 SM pair) costs less than the second grid barrier that slicing adds (~2 us; both
-// figures are the cost model's, docs/cost-model.md, not measurements).
-constexpr int64_t kDecodeSliceMinWork = 8192;
+// Slice only when T * K reaches this. Below it the unsliced cut is cheaper by the cost model (docs/cost-model.md):
+// its blocks' re-reads of x from L2 (C = 160 blocks x T K x 2 bytes) and their FMAs take less than the second grid
+// barrier that slicing adds (~2 us). At K = 4096 the model has the two even at T = 24; from T = 32 (T K = 131072)
+// slicing saves 0.8 us of the LoRA-only launch, at T = 64 3.5 us. Estimates, not measurements.
+constexpr int64_t kDecodeSliceMinWork = 131072;
 DecodePlan plan_lora_decode(int64_t T, int64_t K, int64_t E, int64_t r);
 
 // How phase 1's work is cut over the cooperative grid. Phase 1 dots the NW + C rows of [W; A_cat] (NW = N with

@@ -124,8 +124,11 @@ __device__ void rows_dot_tokens(const Rows& rows, const T* __restrict__ X, int l
           }
         }
         __syncthreads();
+        // a warp whose rows all lie past the range has nothing to add: it skips to the next barrier, and its
+        // issue slots go to the SM's other warps (a block's last pass is often short: 17 rows = 16 + 1)
+        const int kk_end = g0 + warp * kRowsPerWarp < row1 ? kc : 0;
 #pragma unroll 2
-        for (int kk = lane * kVec; kk < kc; kk += kWarpStep) {
+        for (int kk = lane * kVec; kk < kk_end; kk += kWarpStep) {
           float w[kRowsPerWarp][kVec];
 #pragma unroll
           for (int i = 0; i < kRowsPerWarp; ++i) {

@@ -28,7 +28,7 @@ DECODE_TOKENS_PER_PASS = 16  # kDecodeTokensPerPass
 DECODE_STAGE_BYTES = 32768  # kDecodeStageBytes
 DECODE_REDUCE_BYTES = 33792  # kDecodeReduceBytes
 DECODE_SLICE_STEP = 256  # kDecodeSliceStep
-DECODE_SLICE_MIN_WORK = 8192  # kDecodeSliceMinWork (T * K)
+DECODE_SLICE_MIN_WORK = 131072  # kDecodeSliceMinWork (T * K)
 GATE_THREADS = 256  # csrc/gate/gate_kernels.cu kThreads
 GATE_MAX_BLOCKS = 65535 * 8  # grid_for's cap
 
@@ -109,15 +109,15 @@ def _decode(a: dict, num_sms: int, with_base: bool, blocks_per_sm: int) -> list[
     k_chunk, c_chunk, smem = decode_plan(T, K, C)
     grid, slices, slice_len, partials = decode_cut(with_base, T, N, K, C, blocks_per_sm * num_sms)
     rows = (N if with_base else 0) + C
-    # fp32 FMAs on CUDA cores, as issued: a block works on 16 rows at a time and a pass with fewer rows still runs
-    # all 16 slots (zeros), so the slowest block's passes set the time. Phase 1 dots T tokens with the rows of
-    # [W; A_cat] over K (or a K slice), phase 2 with B_cat's N rows over C.
+    # fp32 FMAs on CUDA cores, as issued: a block works on 16 rows at a time, 2 per warp; a warp holding one row
+    # of its pair still issues both, a warp holding none skips the pass. The busiest block sets the time. Phase 1
+    # dots T tokens with the rows of [W; A_cat] over K (or a K slice), phase 2 with B_cat's N rows over C.
     def issued(n_rows: int, blocks: int, length: int) -> float:
-        passes = math.ceil(math.ceil(n_rows / blocks) / DECODE_GROUP_ROWS)
-        return 2.0 * blocks * passes * DECODE_GROUP_ROWS * T * length
+        per_block = math.ceil(n_rows / blocks)
+        slots = per_block // DECODE_GROUP_ROWS * DECODE_GROUP_ROWS + math.ceil(per_block % DECODE_GROUP_ROWS / 2) * 2
+        return 2.0 * blocks * slots * T * length
 
-    phase1 = issued(rows, grid, K) if slices == 1 else 2.0 * math.ceil(rows / DECODE_GROUP_ROWS) * slices \
-        * DECODE_GROUP_ROWS * T * slice_len
+    phase1 = issued(rows, grid, K) if slices == 1 else 2.0 * math.ceil(rows / 2) * 2 * slices * T * slice_len
     flops = phase1 + issued(N, grid, C)
     weights = (N * K if with_base else 0) * e + _nbytes(A) + _nbytes(B) + _nbytes(a.get("bias"))
     # x read, y written (read too when accumulating), H and Hg written, Hg read back by phase 2, the gates, and
