@@ -174,23 +174,9 @@ at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const 
                 ", got ", t->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const DecodePlan plan = plan_lora_decode(T, K, E, r);
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   DecodeArgs a{};
   a.dtype = to_dtype(x, "x");
-  int max_blocks = 0;
-  const cudaError_t occupancy = decode_max_blocks(a.dtype, plan.smem_bytes, sm_count(x.device().index()), &max_blocks);
-  TORCH_CHECK(occupancy == cudaSuccess, "personafuse ", op,
-              ": occupancy query failed: ", cudaGetErrorString(occupancy));
-  const DecodeCut cut = decode_cut(weight.defined(), T, N, K, C, max_blocks);
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  // one allocation: H and the Hg scratch, [T, C] each in x's dtype, then the slices' fp32 partial sums (each part
-  // starting on a 16-byte boundary)
-  auto round16 = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
-  const int64_t hc_bytes = T * C * x.element_size();
-  const int64_t partial_at = 2 * round16(hc_bytes);
-  at::Tensor storage =
-      at::empty({partial_at + cut.partial_count * static_cast<int64_t>(sizeof(float))}, x.options().dtype(at::kByte));
-  at::Tensor H = storage.narrow(0, 0, hc_bytes).view(x.scalar_type()).view({T, C});
   a.vectorized =
       K % 8 == 0 && aligned(x) && aligned(lora_A) && aligned(lora_B) && (!weight.defined() || aligned(weight));
   a.x = x.data_ptr();
@@ -201,21 +187,27 @@ at::Tensor run_decode(const char* op, at::Tensor& y, const at::Tensor& x, const 
   a.gates = gates.data_ptr<float>();
   a.scaling = scaling.data_ptr<float>();
   a.y = y.data_ptr();
-  a.H = H.data_ptr();
-  a.Hg = static_cast<char*>(storage.data_ptr()) + round16(hc_bytes);
-  a.partials = cut.slices > 1 ? reinterpret_cast<float*>(static_cast<char*>(storage.data_ptr()) + partial_at) : nullptr;
   a.T = static_cast<int>(T);
   a.K = static_cast<int>(K);
   a.N = static_cast<int>(N);
   a.E = static_cast<int>(E);
   a.r = static_cast<int>(r);
   a.seq_len = static_cast<int>(seq_len);
-  a.k_chunk = plan.k_chunk;
-  a.c_chunk = plan.c_chunk;
-  a.smem_bytes = plan.smem_bytes;
-  a.grid = cut.grid;
-  a.slices = cut.slices;
-  a.slice_len = cut.slice_len;
+  int64_t partial_count = 0;
+  const cudaError_t planned = plan_decode_launch(a, sm_count(x.device().index()), &partial_count);
+  TORCH_CHECK(planned == cudaSuccess, "personafuse ", op, ": occupancy query failed: ", cudaGetErrorString(planned));
+  // one allocation: H and the Hg scratch, [T, C] each in x's dtype, then the slices' fp32 partial sums (each part
+  // starting on a 16-byte boundary)
+  auto round16 = [](int64_t bytes) { return (bytes + 15) / 16 * 16; };
+  const int64_t hc_bytes = T * C * x.element_size();
+  const int64_t partial_at = 2 * round16(hc_bytes);
+  at::Tensor storage =
+      at::empty({partial_at + partial_count * static_cast<int64_t>(sizeof(float))}, x.options().dtype(at::kByte));
+  at::Tensor H = storage.narrow(0, 0, hc_bytes).view(x.scalar_type()).view({T, C});
+  char* base = static_cast<char*>(storage.data_ptr());
+  a.H = base;
+  a.Hg = base + round16(hc_bytes);
+  if (partial_count > 0) a.partials = reinterpret_cast<float*>(base + partial_at);
   const cudaError_t err = launch_lora_decode(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "personafuse ", op, " launch failed: ", cudaGetErrorString(err));
   return H;

@@ -70,6 +70,10 @@ DecodeCut decode_cut(bool with_base, int64_t T, int64_t N, int64_t K, int64_t C,
 // Co-resident blocks of the decode kernel for a dtype and shared-memory size on num_sms SMs (the occupancy query is
 // made once per device and size).
 cudaError_t decode_max_blocks(DType dtype, size_t smem_bytes, int num_sms, int* out);
+// The whole launch plan of `a` from its dtype, sizes and W (null or not), on num_sms SMs: sets k_chunk, c_chunk,
+// smem_bytes (plan_lora_decode), grid, slices and slice_len (decode_cut at the occupancy's max_blocks), and returns
+// in *partial_count the fp32 scratch that a.partials must then point at (0: none, a.partials stays null).
+cudaError_t plan_decode_launch(DecodeArgs& a, int num_sms, int64_t* partial_count);
 
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream);
 

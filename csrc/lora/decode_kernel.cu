@@ -340,6 +340,23 @@ cudaError_t decode_max_blocks(DType dtype, size_t smem_bytes, int num_sms, int* 
   return dispatch_16bit(dtype, [&](auto t) { return max_blocks_impl<decltype(t)>(smem_bytes, num_sms, out); });
 }
 
+cudaError_t plan_decode_launch(DecodeArgs& a, int num_sms, int64_t* partial_count) {
+  const DecodePlan plan = plan_lora_decode(a.T, a.K, a.E, a.r);
+  int max_blocks = 0;
+  const cudaError_t err = decode_max_blocks(a.dtype, plan.smem_bytes, num_sms, &max_blocks);
+  if (err != cudaSuccess) return err;
+  const DecodeCut cut = decode_cut(a.W != nullptr, a.T, a.N, a.K, static_cast<int64_t>(a.E) * a.r, max_blocks);
+  a.k_chunk = plan.k_chunk;
+  a.c_chunk = plan.c_chunk;
+  a.smem_bytes = plan.smem_bytes;
+  a.grid = cut.grid;
+  a.slices = cut.slices;
+  a.slice_len = cut.slice_len;
+  a.partials = nullptr;
+  *partial_count = cut.partial_count;
+  return cudaSuccess;
+}
+
 cudaError_t launch_lora_decode(const DecodeArgs& args, cudaStream_t stream) {
   return dispatch_16bit(args.dtype, [&](auto t) { return launch_impl<decltype(t)>(args, stream); });
 }

@@ -78,14 +78,8 @@ void pfk_emu_decode_cut(int with_base, int64_t T, int64_t N, int64_t K, int64_t 
 int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W, const void* bias, const void* A,
                         const void* B, const float* gates, const float* scaling, void* y, void* H, void* Hg, int T,
                         int K, int N, int E, int r, int seq_len, int num_sms) {
-  const DecodePlan p = plan_lora_decode(T, K, E, r);
   DecodeArgs a{};
   a.dtype = static_cast<DType>(dtype);
-  int max_blocks = 0;
-  const cudaError_t err = decode_max_blocks(a.dtype, p.smem_bytes, num_sms, &max_blocks);
-  if (err != cudaSuccess) return err;
-  const DecodeCut cut = decode_cut(W != nullptr, T, N, K, static_cast<int64_t>(E) * r, max_blocks);
-  std::vector<float> partials(static_cast<size_t>(cut.partial_count), std::nanf(""));  // unwritten reads show
   a.vectorized = vectorized != 0;
   a.x = x;
   a.W = W;
@@ -103,13 +97,11 @@ int pfk_emu_lora_decode(int dtype, int vectorized, const void* x, const void* W,
   a.E = E;
   a.r = r;
   a.seq_len = seq_len;
-  a.k_chunk = p.k_chunk;
-  a.c_chunk = p.c_chunk;
-  a.smem_bytes = p.smem_bytes;
-  a.grid = cut.grid;
-  a.slices = cut.slices;
-  a.slice_len = cut.slice_len;
-  a.partials = cut.slices > 1 ? partials.data() : nullptr;
+  int64_t partial_count = 0;
+  const cudaError_t err = plan_decode_launch(a, num_sms, &partial_count);
+  if (err != cudaSuccess) return err;
+  std::vector<float> partials(static_cast<size_t>(partial_count), std::nanf(""));  // unwritten reads show
+  if (partial_count > 0) a.partials = partials.data();
   return launch_lora_decode(a, nullptr);
 }
 
