@@ -1,9 +1,10 @@
 """Fake implementations of the extension's ops (csrc/personafuse_ops.cpp): each output's shape and dtype, no work.
 
 They run for meta and fake tensors: torch.compile traces the cuda backend's ops through them, and `personafuse
-explain` dry-runs the backend on meta tensors with them (perf/dryrun.py). Each one allocates exactly what its
-C++ op allocates, so a dry run counts the same allocations; tests/test_explain.py compares them with the ops'
-real outputs in the CUDA emulator.
+explain` dry-runs the backend on meta tensors with them (perf/dryrun.py). Each one allocates the outputs its C++
+op returns, shaped and typed alike (with sequence gates the C++ gate-gradient ops also allocate a per-token
+scratch, which the fakes leave out); tests/test_explain_cuda.py compares them with the ops' real outputs in the
+CUDA emulator.
 
     register("personafuse")       # done by _extension.load_extension once _C is loaded
     register("personafuse_emu")   # the tests' emulated build of the same C++

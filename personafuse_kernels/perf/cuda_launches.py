@@ -2,9 +2,9 @@
 
 A dry run (perf/dryrun.py) records an extension op, not its kernel launches (those happen in C++); this module
 expands one recorded op into the kernels its C++ launcher starts, with the launcher's own geometry. The constants
-are csrc/'s, named after their C++ twins; tests/test_explain.py holds every formula here to the grids, blocks and
-shared memory the same launchers start in the CUDA emulator, so a change on one side fails until the other
-follows.
+are csrc/'s, named after their C++ twins. tests/test_explain_cuda.py holds every formula here to the grids,
+blocks and shared memory that the same launchers start in the CUDA emulator, so a change on one side fails until
+the other follows.
 
     kernels(op_name, bound_args, num_sms) -> [CudaKernel, ...]
 """
