@@ -228,10 +228,10 @@ def launch_time_ms(cost: Cost, card: Card, dtype_bytes: int = 2) -> float:
         "triton_pointer": (A["triton_pointer_compute_eff"], A["triton_memory_eff"], 0.0),
         "triton_small": (A["cublas_skinny_compute_eff"], A["triton_memory_eff"], 0.0),
         "cuda_mma": (A["cuda_mma_compute_eff"], A["cuda_mma_memory_eff"], 0.0),
-        "cuda_decode": (1.0, 1.0, 0.0),  # set below
+        "cuda_decode": (A["cuda_core_fp32_eff"], A["cuda_decode_memory_eff"], 0.0),
     }[cost.kind]
-    if cost.kind == "cuda_decode":  # CUDA-core fp32 FMAs
-        peak, compute_eff, memory_eff = card.fp32_tflops * 1e12, A["cuda_core_fp32_eff"], A["cuda_decode_memory_eff"]
+    if cost.kind == "cuda_decode":  # its dot products are fp32 FMAs on CUDA cores, not tensor-core MMAs
+        peak = card.fp32_tflops * 1e12
     fixed += cost.grid_syncs * A["grid_sync_ms"]
     t = max(cost.flops / (peak * compute_eff), cost.bytes / (bw * memory_eff), cost.l2_bytes / (bw * A["l2_over_hbm"]))
     t *= 1e3

@@ -193,9 +193,9 @@ def dry_run(T: int, K: int, N: int, E: int, r: int, k: int = 0, dtype: str = "bf
     if backend == "cuda":
         from .._extension import extension_error
 
-        if extension_error() is not None:
-            raise ValueError(f"backend 'cuda' dry-runs the CUDA extension's ops (no GPU needed), but "
-                             f"{extension_error()}")
+        error = extension_error()
+        if error is not None:
+            raise ValueError(f"backend 'cuda' dry-runs the CUDA extension's ops (no GPU needed), but {error}")
     if backend == "probe":
         if k or mode != "fwd":
             raise ValueError("the TMA probe is a dense forward GEMM: backend='probe' takes k=0 and mode='fwd'")
